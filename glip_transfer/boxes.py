@@ -22,26 +22,31 @@ def cell_anchor(stride: int, size: int) -> torch.Tensor:
     return torch.tensor([[center - half, center - half, center + half, center + half]], dtype=torch.float32)
 
 
-def grid_anchors(stride: int, size: int, height: int, width: int, device=None) -> torch.Tensor:
-    """Anchors ``[H*W, 4]`` for a feature map, one per location, in ``y*W + x`` order."""
-    cell = cell_anchor(stride, size).to(device)
-    shift_x = torch.arange(0, width * stride, step=stride, dtype=torch.float32, device=device)
-    shift_y = torch.arange(0, height * stride, step=stride, dtype=torch.float32, device=device)
-    sy, sx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+def grid_anchors(cell: torch.Tensor, stride: int, height: int, width: int) -> torch.Tensor:
+    """Anchors ``[H*W, 4]`` for a feature map: the ``[1, 4]`` cell anchor shifted to every location,
+    in ``y*W + x`` order."""
+    kw = dict(dtype=torch.float32, device=cell.device)
+    sy, sx = torch.meshgrid(
+        torch.arange(0, height * stride, step=stride, **kw), torch.arange(0, width * stride, step=stride, **kw), indexing="ij"
+    )
     shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), dim=1)
-    return (shifts[:, None, :] + cell[None, :, :]).reshape(-1, 4)
+    return (shifts[:, None, :] + cell[None]).reshape(-1, 4)
 
 
 def encode(gt_boxes: torch.Tensor, anchors: torch.Tensor, weights=(10.0, 10.0, 5.0, 5.0)) -> torch.Tensor:
-    """Regression targets ``[N, 4]`` of ``gt_boxes`` relative to ``anchors`` (both ``[N, 4]``)."""
+    """Regression targets ``[N, 4]`` of ``gt_boxes`` relative to ``anchors`` (both ``[N, 4]``).
+
+    GLIP's head coder: widths carry the +1, centres are ``(x1 + x2) / 2`` (unlike the generic
+    maskrcnn-benchmark coder, whose centres are ``x1 + w / 2``).
+    """
     aw = anchors[:, 2] - anchors[:, 0] + TO_REMOVE
     ah = anchors[:, 3] - anchors[:, 1] + TO_REMOVE
-    ax = anchors[:, 0] + 0.5 * aw
-    ay = anchors[:, 1] + 0.5 * ah
+    ax = (anchors[:, 2] + anchors[:, 0]) / 2
+    ay = (anchors[:, 3] + anchors[:, 1]) / 2
     gw = gt_boxes[:, 2] - gt_boxes[:, 0] + TO_REMOVE
     gh = gt_boxes[:, 3] - gt_boxes[:, 1] + TO_REMOVE
-    gx = gt_boxes[:, 0] + 0.5 * gw
-    gy = gt_boxes[:, 1] + 0.5 * gh
+    gx = (gt_boxes[:, 2] + gt_boxes[:, 0]) / 2
+    gy = (gt_boxes[:, 3] + gt_boxes[:, 1]) / 2
     wx, wy, ww, wh = weights
     return torch.stack(
         (wx * (gx - ax) / aw, wy * (gy - ay) / ah, ww * torch.log(gw / aw), wh * torch.log(gh / ah)), dim=1
@@ -49,12 +54,13 @@ def encode(gt_boxes: torch.Tensor, anchors: torch.Tensor, weights=(10.0, 10.0, 5
 
 
 def decode(deltas: torch.Tensor, anchors: torch.Tensor, weights=(10.0, 10.0, 5.0, 5.0)) -> torch.Tensor:
-    """Boxes ``[N, 4]`` from regression ``deltas`` ``[N, 4]`` against ``anchors`` ``[N, 4]``."""
+    """Boxes ``[N, 4]`` from regression ``deltas`` ``[N, 4]`` against ``anchors`` ``[N, 4]`` (inverse of
+    :func:`encode`; ``dw``/``dh`` clamped at ``log(1000/16)``)."""
     anchors = anchors.to(deltas.dtype)
     widths = anchors[:, 2] - anchors[:, 0] + TO_REMOVE
     heights = anchors[:, 3] - anchors[:, 1] + TO_REMOVE
-    ctr_x = anchors[:, 0] + 0.5 * widths
-    ctr_y = anchors[:, 1] + 0.5 * heights
+    ctr_x = (anchors[:, 2] + anchors[:, 0]) / 2
+    ctr_y = (anchors[:, 3] + anchors[:, 1]) / 2
     wx, wy, ww, wh = weights
     dx = deltas[:, 0] / wx
     dy = deltas[:, 1] / wy
@@ -62,11 +68,9 @@ def decode(deltas: torch.Tensor, anchors: torch.Tensor, weights=(10.0, 10.0, 5.0
     dh = torch.clamp(deltas[:, 3] / wh, max=BBOX_XFORM_CLIP)
     pred_x = dx * widths + ctr_x
     pred_y = dy * heights + ctr_y
-    pred_w = torch.exp(dw) * widths
-    pred_h = torch.exp(dh) * heights
-    return torch.stack(
-        (pred_x - 0.5 * pred_w, pred_y - 0.5 * pred_h, pred_x + 0.5 * pred_w - 1, pred_y + 0.5 * pred_h - 1), dim=1
-    )
+    half_w = 0.5 * (torch.exp(dw) * widths - 1)
+    half_h = 0.5 * (torch.exp(dh) * heights - 1)
+    return torch.stack((pred_x - half_w, pred_y - half_h, pred_x + half_w, pred_y + half_h), dim=1)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""GLIP: Swin + FPN image backbone, BERT language backbone, vision-language DyHead, ATSS decoding.
+
+Attribute names follow the official model so that state-dict keys match the released checkpoints:
+``backbone.body`` (Swin), ``backbone.fpn``, ``language_backbone.body.model`` (BERT),
+``rpn.head`` (DyHead), ``rpn.anchor_generator``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import GLIPConfig
+from .backbone import build_backbone
+from .head import HeadOutputs, build_head
+from .language import TextFeatures, build_language_backbone
+from .postprocess import AnchorGenerator, Detections, postprocess
+
+
+class RPN(nn.Module):
+    """Holds the head and the anchor generator under the reference's ``rpn.`` prefix."""
+
+    def __init__(self, cfg: GLIPConfig):
+        super().__init__()
+        self.head = build_head(cfg.head, cfg.language)
+        self.anchor_generator = AnchorGenerator(cfg.anchors)
+
+
+class GLIP(nn.Module):
+    """Grounded detector. ``images [B, 3, H, W]`` (normalised, padded) and the features of a prompt
+    (:class:`TextFeatures`, batch 1 or B) -> per-level head outputs and anchors."""
+
+    def __init__(self, cfg: GLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = build_backbone(cfg.swin, cfg.fpn)
+        self.language_backbone = build_language_backbone(cfg.language)
+        self.rpn = RPN(cfg)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        """BERT over padded prompts ``[B, T]``; compute once per prompt and reuse for every image."""
+        return self.language_backbone(input_ids, attention_mask)
+
+    def forward(
+        self, images: torch.Tensor, text: TextFeatures, prompt_offset: torch.Tensor | None = None
+    ) -> tuple[HeadOutputs, list[torch.Tensor]]:
+        features = self.backbone(images)
+        text = text.expand(images.shape[0])
+        if prompt_offset is not None:
+            text = text.with_offset(prompt_offset)
+        outputs = self.rpn.head(features, text)
+        anchors = self.rpn.anchor_generator([tuple(f.shape[-2:]) for f in features])
+        return outputs, anchors
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        text: TextFeatures,
+        positive_map: torch.Tensor,
+        prompt_offset: torch.Tensor | None = None,
+    ) -> list[Detections]:
+        """Detections per image in resized-image coordinates; labels index the rows of
+        ``positive_map [L, T]`` (1-based)."""
+        outputs, anchors = self(images, text, prompt_offset)
+        return postprocess(outputs, anchors, positive_map, image_sizes, self.cfg.postprocess)
+
+
+def build_glip(cfg: GLIPConfig) -> GLIP:
+    return GLIP(cfg)

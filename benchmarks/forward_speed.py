@@ -1,0 +1,146 @@
+"""GLIP forward speed on this machine: seconds per image, FLOPs, GFLOP/s, and the share of time in
+deformable convolution. Deterministic weights, batch 1, float32 (CPU) or AMP (CUDA, --amp).
+
+    python benchmarks/forward_speed.py [--variant glip-t] [--sizes 512x512,800x1344] [--threads 1,2]
+                                       [--device cpu] [--repeats 2] [--out benchmarks/results]
+
+Prints a Rich table and writes ``forward_speed.md`` and ``forward_speed.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from glip_transfer.config import variant_config
+from glip_transfer.model import head as head_module
+from glip_transfer.model.glip import build_glip
+from glip_transfer.reference import apply_deterministic_weights
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        h, w = part.lower().split("x")
+        out.append((int(h), int(w)))
+    return out
+
+
+class DeformTimer:
+    """Wraps torchvision's deform_conv2d as the head calls it, accumulating its wall time."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.original = head_module.deform_conv2d
+
+    def __enter__(self):
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = self.original(*args, **kwargs)
+            sync()
+            self.seconds += time.perf_counter() - start
+            return out
+
+        head_module.deform_conv2d = timed
+        return self
+
+    def __exit__(self, *exc):
+        head_module.deform_conv2d = self.original
+
+
+def sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def count_flops(model, images, text) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images, text)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="glip-t")
+    parser.add_argument("--sizes", default="512x512,800x1344", help="padded input sizes HxW (multiples of 32)")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 where supported)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    cfg = variant_config(args.variant)
+    model = build_glip(cfg)
+    apply_deterministic_weights(model, cfg.head.num_convs)
+    model = model.eval().to(device)
+    ids = torch.zeros(1, cfg.language.max_query_len, dtype=torch.long)
+    ids[0, :12] = torch.tensor([101, 2711, 1012, 7596, 1012, 2137, 5210, 1012, 10412, 1012, 15913, 102])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        text = model.encode_text(ids.to(device), mask.to(device))
+
+    threads = [int(t) for t in args.threads.split(",")] if device.type == "cpu" else [torch.get_num_threads()]
+    rows = []
+    for h, w in parse_sizes(args.sizes):
+        images = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0)).to(device)
+        flops = count_flops(model, images, text)
+        for n in threads:
+            torch.set_num_threads(n)
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp else torch.autocast("cpu", enabled=False)
+            with torch.no_grad(), amp:
+                model(images, text)  # warm-up
+                sync()
+                best, deform = float("inf"), 0.0
+                for _ in range(args.repeats):
+                    with DeformTimer() as timer:
+                        start = time.perf_counter()
+                        model(images, text)
+                        sync()
+                        seconds = time.perf_counter() - start
+                    if seconds < best:
+                        best, deform = seconds, timer.seconds
+            rows.append(
+                {
+                    "variant": args.variant, "size": f"{h}x{w}", "device": str(device), "threads": n, "amp": args.amp,
+                    "seconds": round(best, 3), "gflops": round(flops / 1e9, 1),
+                    "gflop_per_s": round(flops / 1e9 / best, 1), "deform_share": round(deform / best, 3),
+                }
+            )  # fmt: skip
+
+    table = Table(title=f"GLIP forward ({args.variant}, batch 1, text encoded once)")
+    for col in ("size", "device", "threads", "seconds", "gflops", "gflop_per_s", "deform_share"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["size"], r["device"], str(r["threads"]), f"{r['seconds']:.2f}", f"{r['gflops']:.0f}",
+                      f"{r['gflop_per_s']:.1f}", f"{100 * r['deform_share']:.0f}%")  # fmt: skip
+    Console().print(table)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads max, torch {torch.__version__}"
+    if device.type == "cuda":
+        machine += f", {torch.cuda.get_device_name(device)}"
+    stem = f"forward_speed_{args.variant}_{device.type}"
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    lines = [f"# GLIP forward speed ({args.variant})", "", f"Machine: {machine}", "",
+             "| size | device | threads | s / image | GFLOP | GFLOP/s | deform conv share |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['device']} | {r['threads']} | {r['seconds']:.2f} | {r['gflops']:.0f} | "
+                     f"{r['gflop_per_s']:.1f} | {100 * r['deform_share']:.0f}% |")  # fmt: skip
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The ``glip`` command line."""
+
+from __future__ import annotations
+
+import typer
+
+from .commands.inspect import inspect_command
+from .commands.predict import predict_command
+
+app = typer.Typer(
+    name="glip",
+    help="GLIP in pure PyTorch: predict, zero-shot evaluation, prompt tuning and fine-tuning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+app.command("predict")(predict_command)
+app.command("inspect")(inspect_command)
+
+
+def main() -> None:  # pragma: no cover - the console script
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,158 @@
+"""``glip predict`` and ``glip inspect`` end to end on a small model, including bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from glip_transfer.checkpoint import save_model
+from glip_transfer.cli import app
+from glip_transfer.config import variant_config
+from glip_transfer.model.glip import build_glip
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_glip(variant_config("test-tiny"))
+    # make every location score above the thresholds so outputs are non-empty
+    with torch.no_grad():
+        model.rpn.head.bias0.fill_(2.0)
+    folder = tmp_path_factory.mktemp("weights")
+    path = folder / "tiny.safetensors"
+    save_model(model, path)
+    state = {"module." + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": state}, folder / "tiny.pth")
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "rgb.jpg")
+    Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
+    Image.fromarray(np.dstack([rgb, np.full((120, 160), 128, np.uint8)])).save(folder / "rgba.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)
+    return folder
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def predict(weights, vocab_dir, *args):
+    return run("predict", *args, "--weights", weights, "--tokenizer", vocab_dir, "--device", "cpu",
+               "--min-size", "128", "--max-size", "200")  # fmt: skip
+
+
+def test_predict_classes_writes_json_and_pngs(weights, images, vocab_dir, tmp_path):
+    out = tmp_path / "vis"
+    result = predict(weights, vocab_dir, images, "--classes", "cat, dog ,red car", "--threshold", "0",
+                     "--out", out, "--json", tmp_path / "d.json", "--batch-size", "2", "--max-detections", "7")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert [r["image"].split("/")[-1] for r in data] == ["deep16.png", "gray.png", "rgb.jpg", "rgba.png", "rotated.jpg"]
+    for record in data:
+        assert 0 < len(record["detections"]) <= 7
+        scores = [d["score"] for d in record["detections"]]
+        assert scores == sorted(scores, reverse=True)
+        for d in record["detections"]:
+            assert d["label"] in {"cat", "dog", "red car"}
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= record["width"] and 0 <= y1 <= y2 <= record["height"]
+    # the EXIF-rotated photo is shown upright: width and height swap
+    rotated = next(r for r in data if r["image"].endswith("rotated.jpg"))
+    assert (rotated["width"], rotated["height"]) == (120, 160)
+    assert sorted(p.name for p in out.iterdir()) == ["deep16.png", "gray.png", "rgb.png", "rgba.png", "rotated.png"]
+
+
+def test_predict_free_text_with_phrases(weights, images, vocab_dir, tmp_path):
+    result = predict(weights, vocab_dir, images / "rgb.jpg", "--prompt", "a man riding a red bicycle",
+                     "--phrase", "man", "--phrase", "red bicycle", "--threshold", "0", "--json", tmp_path / "d.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    labels = {d["label"] for d in json.loads((tmp_path / "d.json").read_text())[0]["detections"]}
+    assert labels <= {"man", "red bicycle"} and labels
+
+
+def test_predict_same_result_from_official_pth(weights, images, vocab_dir, tmp_path):
+    outs = []
+    for w in (weights, weights.with_suffix(".pth")):
+        path = tmp_path / f"{w.suffix[1:]}.json"
+        assert predict(w, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--threshold", "0", "--json", path).exit_code == 0
+        outs.append(json.loads(path.read_text())[0]["detections"])
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--classes", " , ,"], "names no category"),
+        (["--classes", "a", "--prompt", "b"], "exactly one of"),
+        ([], "exactly one of"),
+        (["--prompt", "a dog", "--phrase", "cat"], "cat"),
+        (["--phrase", "cat", "--classes", "cat"], "--phrase needs --prompt"),
+    ],
+)
+def test_predict_bad_prompt_arguments(weights, images, vocab_dir, args, message):
+    result = predict(weights, vocab_dir, images / "rgb.jpg", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_name_that_tokenizes_to_nothing_is_reported(weights, images, vocab_dir, tmp_path):
+    # U+0301 (a lone combining accent) is stripped by BERT's normaliser: no token at all
+    result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat,\u0301", "--threshold", "0",
+                     "--json", tmp_path / "d.json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "cannot be detected" in " ".join(result.output.split())
+    labels = {d["label"] for d in json.loads((tmp_path / "d.json").read_text())[0]["detections"]}
+    assert labels == {"cat"}
+
+
+def test_missing_and_corrupt_images(weights, images, vocab_dir, tmp_path):
+    result = predict(weights, vocab_dir, tmp_path / "nope.jpg", "--classes", "cat")
+    assert result.exit_code == 2 and "nope.jpg: no such file or folder" in result.output
+    broken = tmp_path / "broken.jpg"
+    data = (images / "rgb.jpg").read_bytes()
+    broken.write_bytes(data[: len(data) // 3])
+    result = predict(weights, vocab_dir, broken, images / "rgb.jpg", "--classes", "cat", "--json", tmp_path / "d.json")
+    assert result.exit_code == 0, result.output
+    assert "broken.jpg" in result.output and "skipped" in result.output
+    assert len(json.loads((tmp_path / "d.json").read_text())) == 1
+    result = predict(weights, vocab_dir, broken, "--classes", "cat")
+    assert result.exit_code == 2
+
+
+def test_bad_checkpoints(weights, images, vocab_dir, tmp_path):
+    truncated = tmp_path / "cut.pth"
+    data = weights.with_suffix(".pth").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    for path, message in ((truncated, "truncated or corrupt"), (tmp_path / "none.pth", "file not found")):
+        result = predict(path, vocab_dir, images / "rgb.jpg", "--classes", "cat")
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    result = predict(weights.with_suffix(".pth"), vocab_dir, images / "rgb.jpg", "--classes", "cat", "--variant", "glip-t")
+    assert result.exit_code == 2
+    assert "looks like test-tiny" in " ".join(result.output.split())
+
+
+def test_inspect(weights):
+    result = run("inspect", weights.with_suffix(".pth"), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["detected_variant"] == "test-tiny" and info["keys"]["ok"]
+    assert sum(info["parameters_by_part"].values()) == info["parameters"]
+    table = run("inspect", weights)
+    assert table.exit_code == 0 and "all" in table.output and "match" in table.output

@@ -277,8 +277,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The numeric entries of a metrics dict (drops ``per_category`` and ``log``)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The entries of a metrics dict worth a JSON summary: numbers, and descriptive text or lists of
+    text (recipe name, captions); drops ``per_category`` and ``log``."""
+
+    def keep(key: str, value: Any) -> bool:
+        if key in ("per_category", "log"):
+            return False
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+    return {k: v for k, v in metrics.items() if keep(k, v)}
 
 
 def _fmt(value: float) -> str:

@@ -104,7 +104,7 @@ def evaluate_dataset(
     device: torch.device,
     prompt_offset: torch.Tensor | None = None,
     cache_text: bool = True,
-    on_batch: Callable[[list[dict]], None] | None = None,
+    on_batch: Callable[[list, list[dict]], None] | None = None,
     skip_image_ids: set | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
@@ -112,7 +112,8 @@ def evaluate_dataset(
     ``score``) for every image of ``loader`` (batches of ``(images, image_sizes, infos)`` as
     :func:`glip_transfer.data.collate_detection` makes). Labels map to ``prompt.label_ids``, which
     must be the dataset's category ids. ``on_batch`` receives each batch's results as soon as they
-    exist (for incremental writing); images in ``skip_image_ids`` are not run."""
+    exist, with the batch's image ids (for incremental writing); images in ``skip_image_ids`` are
+    not run."""
     from .evaluation import detections_to_coco
 
     label_to_category = {i + 1: cid for i, cid in enumerate(prompt.label_ids)}
@@ -132,7 +133,7 @@ def evaluate_dataset(
                 batch_results.extend(detections_to_coco(info["image_id"], d.boxes, d.scores, d.labels, label_to_category))
             results.extend(batch_results)
             if on_batch is not None:
-                on_batch(batch_results)
+                on_batch([info["image_id"] for info in infos], batch_results)
         if progress is not None:
             progress(len(infos))
     return results

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import warnings
 
 import typer
@@ -91,5 +90,5 @@ def progress_bar(transient: bool = False) -> Progress:
         TextColumn("{task.fields[info]}"),
         console=Console(stderr=True),
         transient=transient,
-        disable=not sys.stderr.isatty() and os.environ.get("GLIP_PROGRESS", "") == "0",
+        disable=os.environ.get("GLIP_PROGRESS", "") == "0",
     )

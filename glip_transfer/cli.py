@@ -6,6 +6,8 @@ import typer
 
 from .commands.inspect import inspect_command
 from .commands.predict import predict_command
+from .commands.recipes import app as recipes_app
+from .commands.zeroshot import app as zeroshot_app
 
 app = typer.Typer(
     name="glip",
@@ -16,6 +18,8 @@ app = typer.Typer(
 )
 
 app.command("predict")(predict_command)
+app.add_typer(zeroshot_app, name="zeroshot")
+app.add_typer(recipes_app, name="recipes", help="List and show the dataset recipes.")
 app.command("inspect")(inspect_command)
 
 

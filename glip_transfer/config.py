@@ -275,6 +275,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "2e-4" (no dot) as text; users mean a number
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+        except ValueError:
+            pass
     return key.split("."), value
 
 

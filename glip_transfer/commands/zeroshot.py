@@ -86,7 +86,7 @@ def eval_command(
     from ..evaluation import coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
     from ..inference import EncodedPrompt, evaluate_dataset
     from ..prompts import load_tokenizer
-    from ..recipes import categories_not_in_recipe, evaluation_prompt, load_recipe, parse_recipe, recipe_to_dict, replace
+    from ..recipes import categories_not_in_recipe, evaluation_prompt, load_recipe, parse_recipe, recipe_to_dict
 
     if (recipe is None) == (ann is None):
         fail("give --recipe NAME, or --ann FILE with --images DIR")
@@ -96,7 +96,7 @@ def eval_command(
     rec = load_recipe(recipe) if recipe else adhoc_recipe(ann, images)
     if recipe_sets:
         data = {k: v for k, v in recipe_to_dict(rec).items() if k != "path"}
-        rec = replace(parse_recipe(apply_overrides(data, recipe_sets), where=f"--set on {rec.name}"), path=rec.path)
+        rec = parse_recipe(apply_overrides(data, recipe_sets), where=f"--set on {rec.name}", path=rec.path)
     files = rec.split(split)
     ann_file = data_root / files.ann_file
     img_dir = data_root / files.img_dir

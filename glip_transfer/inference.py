@@ -5,6 +5,7 @@ into chunks runs once per chunk per image and the detections are merged per imag
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -68,10 +69,26 @@ def detect_batch(
     prompt: EncodedPrompt,
     prompt_offset: torch.Tensor | None = None,
     cache_text: bool = True,
+    amp: bool = False,
 ) -> list[Detections]:
     """Detections per image (resized-image coordinates) with labels ``1..len(prompt.label_ids)``
     indexing :attr:`EncodedPrompt.label_ids` across chunks. The per-image limit applies after the
-    chunks are merged."""
+    chunks are merged. ``amp``: CUDA autocast (bf16 where supported, else fp16)."""
+    device = images.device
+    with autocast(device, amp):
+        return _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """CUDA autocast in bf16 where the GPU supports it, else fp16; a no-op on CPU, whose paths stay
+    float32 (no bf16 units on the CPUs this runs on)."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text) -> list[Detections]:
     device = images.device
     per_chunk = []
     first_label = 0
@@ -107,6 +124,7 @@ def evaluate_dataset(
     on_batch: Callable[[list, list[dict]], None] | None = None,
     skip_image_ids: set | None = None,
     progress: Callable[[int], None] | None = None,
+    amp: bool = False,
 ) -> list[dict]:
     """COCO detection results (``image_id``, ``category_id``, ``bbox`` xywh with the +1 convention,
     ``score``) for every image of ``loader`` (batches of ``(images, image_sizes, infos)`` as
@@ -126,7 +144,7 @@ def evaluate_dataset(
                 images = images[keep]
                 image_sizes = [image_sizes[i] for i in keep]
                 infos = [infos[i] for i in keep]
-            dets = detect_batch(model, images.to(device), image_sizes, prompt, prompt_offset, cache_text)
+            dets = detect_batch(model, images.to(device), image_sizes, prompt, prompt_offset, cache_text, amp)
             batch_results = []
             for d, info in zip(dets, infos):
                 d = to_original_size(d.to("cpu"), info["resized_size"], info["original_size"])

@@ -60,6 +60,7 @@ def predict_command(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or folder with vocab.txt (env GLIP_TOKENIZER)."),
     adapter: Path = typer.Option(None, "--adapter", help="A prompt-tuning/LoRA/fine-tuning artifact."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for annotated PNGs."),
     json_path: Path = typer.Option(None, "--json", help="Write all detections to this JSON file."),
@@ -126,7 +127,7 @@ def predict_command(
                 used.append(start + i)
             if tensors:
                 batch, image_sizes = pad_batch(tensors, model.cfg.input.size_divisibility)
-                dets = detect_batch(model, batch.to(dev), image_sizes, encoded, prompt_offset)
+                dets = detect_batch(model, batch.to(dev), image_sizes, encoded, prompt_offset, amp=amp)
                 for pil, d, resized, index in zip(pils, dets, sizes, used):
                     d = to_original_size(d.to("cpu"), resized, (pil.height, pil.width))
                     detections = [

@@ -76,6 +76,7 @@ def eval_command(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
     adapter: Path = typer.Option(None, "--adapter", help="A glip finetune artifact to apply."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
     workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes."),
     no_text_cache: bool = typer.Option(False, "--no-text-cache", hidden=True, help="Re-run BERT per batch."),
 ):
@@ -161,7 +162,7 @@ def eval_command(
 
         new = evaluate_dataset(
             model, loader, encoded, device=dev, prompt_offset=prompt_offset, cache_text=not no_text_cache,
-            on_batch=on_batch, skip_image_ids=done_ids,
+            on_batch=on_batch, skip_image_ids=done_ids, amp=amp,
             progress=lambda n: bar.update(task, advance=n),
         )  # fmt: skip
         results.extend(new)

@@ -62,9 +62,11 @@ class GLIP(nn.Module):
         prompt_offset: torch.Tensor | None = None,
     ) -> list[Detections]:
         """Detections per image in resized-image coordinates; labels index the rows of
-        ``positive_map [L, T]`` (1-based)."""
+        ``positive_map [L, T]`` (1-based). Under autocast the network runs in reduced precision;
+        the decoding always runs in float32."""
         outputs, anchors = self(images, text, prompt_offset)
-        return postprocess(outputs, anchors, positive_map, image_sizes, self.cfg.postprocess)
+        outputs = HeadOutputs(*([t.float() for t in field] for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)))
+        return postprocess(outputs, anchors, positive_map.float(), image_sizes, self.cfg.postprocess)
 
 
 def build_glip(cfg: GLIPConfig) -> GLIP:

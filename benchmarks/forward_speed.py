@@ -34,26 +34,33 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 
 class DeformTimer:
-    """Wraps torchvision's deform_conv2d as the head calls it, accumulating its wall time."""
+    """Accumulates the wall time spent inside the head's deformable convolutions (forward hooks on
+    every ``ModulatedDeformConv``), whichever kernel they dispatch to."""
 
-    def __init__(self):
+    def __init__(self, model):
+        self.model = model
         self.seconds = 0.0
-        self.original = head_module.deform_conv2d
+        self.hooks = []
 
     def __enter__(self):
-        def timed(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            out = self.original(*args, **kwargs)
-            sync()
-            self.seconds += time.perf_counter() - start
-            return out
+        starts = {}
 
-        head_module.deform_conv2d = timed
+        def before(module, args):
+            sync()
+            starts[id(module)] = time.perf_counter()
+
+        def after(module, args, out):
+            sync()
+            self.seconds += time.perf_counter() - starts.pop(id(module))
+
+        for m in self.model.modules():
+            if isinstance(m, head_module.ModulatedDeformConv):
+                self.hooks += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
         return self
 
     def __exit__(self, *exc):
-        head_module.deform_conv2d = self.original
+        for h in self.hooks:
+            h.remove()
 
 
 def sync():
@@ -104,7 +111,7 @@ def main() -> None:
                 sync()
                 best, deform = float("inf"), 0.0
                 for _ in range(args.repeats):
-                    with DeformTimer() as timer:
+                    with DeformTimer(model) as timer:
                         start = time.perf_counter()
                         model(images, text)
                         sync()

@@ -7,6 +7,7 @@ import typer
 from .commands.inspect import inspect_command
 from .commands.predict import predict_command
 from .commands.recipes import app as recipes_app
+from .commands.train import finetune_command, pretrain_command
 from .commands.zeroshot import app as zeroshot_app
 
 app = typer.Typer(
@@ -19,6 +20,8 @@ app = typer.Typer(
 
 app.command("predict")(predict_command)
 app.add_typer(zeroshot_app, name="zeroshot")
+app.command("finetune")(finetune_command)
+app.command("pretrain")(pretrain_command)
 app.add_typer(recipes_app, name="recipes", help="List and show the dataset recipes.")
 app.command("inspect")(inspect_command)
 

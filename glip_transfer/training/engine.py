@@ -1,0 +1,475 @@
+"""The training forward (:class:`TrainModule`) and loop (:class:`Trainer`).
+
+The forward computes only what can change: frozen parts upstream of everything that trains run
+without autograd (Swin + FPN when the backbone is frozen; the fused tower in linear probing), and
+a frozen language backbone encodes the run's caption once and the features are reused every step.
+Captions are cut to their longest real length in the batch (padding positions cannot influence
+real tokens or the loss, so this changes nothing but the cost).
+
+A step: forward (CUDA autocast: bf16 where supported, else fp16 with a GradScaler), the GLIP
+losses, backward, full-model gradient clipping (norm 1.0), and the optimiser step — skipped and
+counted when the loss or the gradient norm is not finite (the official zeroes a NaN loss instead).
+Then the lr schedule and the EMA. After every epoch: validation AP, the plateau schedule, the best
+weights and the early stop; the `last` checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..model.glip import GLIP
+from ..model.language import TextFeatures
+from ..model.loss import GLIPLoss, GroundingTarget, LossConfig
+from .config import TrainConfig
+from .data import Batch, EpochBatchSampler, FixedPrompt, make_train_loader
+from .distributed import DistInfo, all_reduce_mean, all_true, barrier, broadcast_object
+from .modes import ModePlan, set_train_modes
+from .optim import EMA, LRSchedule, build_optimizer
+from .report import JsonlLog
+from .state import (
+    has_checkpoint,
+    load_last,
+    load_optimizer,
+    load_state_file,
+    optimizer_tensors,
+    rng_state,
+    save_last,
+    save_state_file,
+    set_rng_state,
+)
+
+
+@contextlib.contextmanager
+def _tower_outputs(head: nn.Module, visual, hidden):
+    """Make ``head.forward`` use precomputed tower outputs (one code path for the predictions)."""
+    head.run_tower = lambda *_: (visual, hidden)
+    try:
+        yield
+    finally:
+        del head.run_tower
+
+
+class TrainModule(nn.Module):
+    """GLIP + the trainer-owned prompt offset + the loss: ``forward(images, targets, input_ids,
+    attention_mask)`` -> the loss dict. This is what DDP wraps."""
+
+    def __init__(self, model: GLIP, plan: ModePlan, loss_cfg: LossConfig | None = None):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        lang = model.cfg.language
+        if plan.prompt_offset:
+            # official language_prompt_v2: a zero-initialised Linear weight added to the text features
+            self.prompt_offset = nn.Parameter(torch.zeros(lang.max_query_len, lang.hidden_size))
+        else:
+            self.prompt_offset = None
+        loss_cfg = loss_cfg or LossConfig(max_query_len=lang.max_query_len)
+        self.criterion = GLIPLoss(loss_cfg, model.cfg.postprocess.box_coder_weights)
+        self._text_cache: tuple[bytes, TextFeatures] | None = None
+
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        out = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.prompt_offset is not None:
+            out.append(("prompt_offset", self.prompt_offset))
+        return out
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        n = max(int(attention_mask.sum(dim=1).max()), 1)
+        ids, mask = input_ids[:, :n], attention_mask[:, :n]
+        if not self.plan.text_frozen:
+            return self.model.encode_text(ids, mask)
+        key = ids.cpu().numpy().tobytes() + str(ids.device).encode()
+        if self._text_cache is not None and self._text_cache[0] == key:
+            return self._text_cache[1]
+        with torch.no_grad():
+            feats = self.model.encode_text(ids, mask)
+        feats = TextFeatures(feats.hidden.detach(), feats.embedded.detach(), feats.mask)
+        if ids.shape[0] == 1:  # the run's fixed caption: BERT runs once
+            self._text_cache = (key, feats)
+        return feats
+
+    def forward(self, images: torch.Tensor, targets: list[GroundingTarget], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
+        model, plan = self.model, self.plan
+        text = self.text_features(input_ids, attention_mask)
+        num_tokens = text.hidden.shape[1]
+        if plan.backbone_frozen:
+            with torch.no_grad():
+                features = model.backbone(images)
+        else:
+            features = model.backbone(images)
+        text = text.expand(images.shape[0])
+        if self.prompt_offset is not None:
+            text = text.with_offset(self.prompt_offset)
+        head = model.rpn.head
+        if plan.tower_frozen:
+            with torch.no_grad():
+                visual, hidden = head.run_tower(features, text)
+            with _tower_outputs(head, visual, hidden):
+                outputs = head(features, text)
+        elif model.cfg.head.gradient_checkpointing and not head.training and torch.is_grad_enabled():
+            # the head checkpoints its layers only in train mode; a frozen head (prompt tuning)
+            # runs in eval mode: switch the flag of the head module alone (its dropouts stay off)
+            head.training = True
+            try:
+                outputs = head(features, text)
+            finally:
+                head.training = False
+        else:
+            outputs = head(features, text)
+        anchors = model.rpn.anchor_generator([tuple(f.shape[-2:]) for f in features])
+        targets = [GroundingTarget(t.boxes, t.positive_map[:, :num_tokens]) for t in targets]
+        return self.criterion(outputs, anchors, targets, text.mask)
+
+
+@dataclass
+class TrainerState:
+    """The loop's counters (saved in every checkpoint)."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done within the current epoch
+    step: int = 0  # optimiser steps attempted (skipped ones included)
+    skipped: int = 0  # steps skipped for a non-finite loss / gradient
+    best_ap: float = 0.0  # official AUTO_TERMINATE previous_best starts at 0.0
+    best_epoch: int = -1
+    patience: int = 0
+    stopped_early: bool = False
+    finished: bool = False
+    history: list = field(default_factory=list)  # one record per validation
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | stopped (stop_after_steps)
+    state: TrainerState
+    best_path: Path | None
+
+
+class Trainer:
+    """Runs epochs over ``dataset`` with ``module``; ``evaluate(model, prompt_offset) -> metrics``
+    gives the validation metrics (None: no validation; the last weights are the best)."""
+
+    def __init__(
+        self,
+        module: TrainModule,
+        cfg: TrainConfig,
+        dataset,
+        *,
+        device: torch.device,
+        out_dir: str | Path,
+        prompt: FixedPrompt | None = None,
+        evaluate: Callable[[GLIP, torch.Tensor | None], dict] | None = None,
+        dist_info: DistInfo | None = None,
+        console=None,
+        progress: bool = True,
+    ):
+        self.module = module
+        self.cfg = cfg
+        self.dataset = dataset
+        self.device = device
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.prompt = prompt
+        self.evaluate_fn = evaluate
+        self.dist = dist_info or DistInfo()
+        self.console = console
+        self.show_progress = progress and self.dist.main
+        self.state = TrainerState()
+        self.log = JsonlLog(self.out_dir / "log.jsonl") if self.dist.main else None
+
+        self.named = module.named_trainable()
+        if not self.named:
+            raise ValueError("nothing to train: the mode left no trainable parameter")
+        self.params = {n: p for n, p in self.named}
+        self.optimizer = build_optimizer(self.named, cfg, module.plan.mode)
+        per_epoch = EpochBatchSampler.num_batches(len(dataset), cfg.batch_size)
+        self.batches_per_epoch = per_epoch
+        total = per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.schedule = LRSchedule(self.optimizer, cfg, self.total_steps)
+        self.ema = EMA({n: p for n, p in self.named}, cfg.ema) if cfg.ema > 0 else None
+
+        self.amp_dtype = None
+        if cfg.amp and device.type == "cuda":
+            if cfg.amp_dtype == "auto":
+                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+        self.wrapped: nn.Module = module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            import inspect
+
+            ids = [device.index] if device.type == "cuda" else None
+            # buffers (anchors, Swin indices) never change: no syncing in forward
+            sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
+            self.wrapped = DDP(module, device_ids=ids, find_unused_parameters=False, **sync)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _trainable_tensors(self, prefix: str = "param/") -> dict[str, torch.Tensor]:
+        return {prefix + n: p.detach() for n, p in self.named}
+
+    def save_checkpoint(self) -> None:
+        if not self.dist.main:
+            return
+        tensors = self._trainable_tensors()
+        opt_t, opt_json = optimizer_tensors(self.optimizer)
+        tensors.update(opt_t)
+        if self.ema is not None:
+            tensors.update({"ema/" + k: v for k, v in self.ema.shadow.items()})
+        rng_t, rng_json = rng_state()
+        tensors.update(rng_t)
+        state = {
+            "trainer": asdict(self.state),
+            "optimizer": opt_json,
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rng_json,
+            "mode": self.module.plan.mode,
+            "config": _jsonable(asdict(self.cfg)),
+        }
+        save_last(self.ckpt_dir, tensors, state)
+
+    def resume(self) -> bool:
+        """Restore from ``checkpoints/last`` (or ``last.prev``); False when there is none."""
+        if not has_checkpoint(self.ckpt_dir):
+            return False
+        tensors, state, _ = load_last(self.ckpt_dir)
+        if state.get("mode") != self.module.plan.mode:
+            from ..checkpoint import CheckpointError
+
+            raise CheckpointError(f"{self.ckpt_dir}: the checkpoint is of mode {state.get('mode')!r}, not {self.module.plan.mode!r}: use another --out")
+        missing = [n for n in self.params if "param/" + n not in tensors]
+        if missing:
+            from ..checkpoint import CheckpointError
+
+            raise CheckpointError(f"{self.ckpt_dir}: the checkpoint lacks {missing[0]} (a different model or mode): use another --out")
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(tensors["param/" + n].to(p.device, p.dtype))
+        load_optimizer(self.optimizer, tensors, state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            for k in self.ema.shadow:
+                if "ema/" + k in tensors:
+                    self.ema.shadow[k].copy_(tensors["ema/" + k])
+        set_rng_state(tensors, state["rng"])
+        self.state = TrainerState(**state["trainer"])
+        saved = state.get("config") or {}
+        now = _jsonable(asdict(self.cfg))
+        changed = sorted(k for k in now if k not in ("stop_after_steps", "max_steps", "workers") and saved.get(k, now[k]) != now[k])
+        if changed:
+            warnings.warn(f"resuming with changed settings ({', '.join(changed[:5])}): the run will not match an uninterrupted one", stacklevel=2)
+        self.module._text_cache = None
+        if self.log is not None:
+            self.log.truncate_after(self.state.step)
+        return True
+
+    def save_best(self) -> None:
+        if not self.dist.main:
+            return
+        tensors = {k: v.detach() for k, v in self.best_tensors().items()}
+        save_state_file(self.ckpt_dir / "best.safetensors", {"param/" + k: v for k, v in tensors.items()},
+                        {"epoch": self.state.epoch, "step": self.state.step, "ap": self.state.best_ap})  # fmt: skip
+
+    def best_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights to evaluate / keep: the EMA averages when EMA is on."""
+        if self.ema is not None:
+            return dict(self.ema.shadow)
+        return {n: p for n, p in self.named}
+
+    def load_best(self) -> bool:
+        path = self.ckpt_dir / "best.safetensors"
+        if not path.exists():
+            return False
+        tensors, _ = load_state_file(path)
+        with torch.no_grad():
+            for n, p in self.named:
+                p.copy_(tensors["param/" + n].to(p.device, p.dtype))
+        return True
+
+    # ------------------------------------------------------------------ one step
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    def train_step(self, batch: Batch) -> dict[str, Any]:
+        cfg = self.cfg
+        batch = batch.to(self.device)
+        if batch.input_ids is None:
+            if self.prompt is None:
+                raise ValueError("the batch has no captions and the run no fixed prompt")
+            input_ids = self.prompt.input_ids.to(self.device)
+            mask = self.prompt.attention_mask.to(self.device)
+        else:
+            input_ids, mask = batch.input_ids, batch.attention_mask
+        with self._autocast():
+            losses = self.wrapped(batch.images, batch.targets, input_ids, mask)
+        loss = sum(losses.values())
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        params = list(self.params.values())
+        max_norm = cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_value = float(loss.detach())
+        finite = all_true(math.isfinite(loss_value) and bool(torch.isfinite(grad_norm)), self.dist, self.device)
+        if finite:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        else:
+            self.state.skipped += 1
+        if self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        if self.ema is not None and finite:
+            self.ema.update(self.params)
+        self.state.step += 1
+        parts = {k: float(v.detach()) for k, v in losses.items()}
+        if self.dist.enabled:
+            reduced = all_reduce_mean(torch.tensor([loss_value, *parts.values()], device=self.device), self.dist).tolist()
+            loss_value, parts = reduced[0], dict(zip(parts, reduced[1:]))
+        return {"loss": loss_value, **parts, "grad_norm": float(grad_norm), "skipped": not finite}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def validate(self) -> dict | None:
+        """Val metrics (rank 0 evaluates; the others get its AP)."""
+        if self.evaluate_fn is None:
+            return None
+        metrics = None
+        if self.dist.main:
+            if self.ema is not None:
+                self.ema.swap(self.params)
+            try:
+                metrics = self.evaluate_fn(self.module.model, self.module.prompt_offset)
+            finally:
+                if self.ema is not None:
+                    self.ema.swap(self.params)
+            set_train_modes(self.module.model, self.module.plan, True)
+            metrics = {k: v for k, v in metrics.items() if k not in ("per_category", "log")}
+        metrics = broadcast_object(metrics, self.dist)
+        return metrics
+
+    def _after_validation(self, metrics: dict) -> bool:
+        """Schedule, best weights and early stop after a validation; True = stop training."""
+        cfg, st = self.cfg, self.state
+        ap = max(float(metrics.get("AP", 0.0)), 0.0)
+        reduced = self.schedule.observe(ap)
+        record = {"type": "eval", "split": "val", "epoch": st.epoch, "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
+                  **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
+        if ap < st.best_ap:
+            st.patience += 1
+        else:
+            st.patience = 0
+            st.best_ap = ap
+            st.best_epoch = st.epoch
+            self.save_best()
+        record["best_ap"] = st.best_ap
+        record["lr_reduced"] = reduced
+        st.history.append(record)
+        if self.log is not None:
+            self.log.write(record)
+        self._say(f"epoch {st.epoch}: val AP {ap:.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f} (best {st.best_ap:.4f} at epoch {st.best_epoch})"
+                  + (" — lr reduced" if reduced else ""))  # fmt: skip
+        if cfg.early_stop_patience > 0 and st.patience >= cfg.early_stop_patience:
+            st.stopped_early = True
+            self._say(f"early stop: no improvement over {st.patience} evaluations")
+            return True
+        return False
+
+    def _say(self, text: str) -> None:
+        if self.dist.main and self.console is not None:
+            self.console.print(text, highlight=False)
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> TrainResult:
+        from ..commands.common import progress_bar
+
+        cfg, st = self.cfg, self.state
+        set_train_modes(self.module.model, self.module.plan, True)
+        bar = progress_bar() if self.show_progress else None
+        stack = contextlib.ExitStack()
+        if bar is not None:
+            stack.enter_context(bar)
+            task = bar.add_task("train", total=self.total_steps, completed=min(st.step, self.total_steps), info="")
+        try:
+            if cfg.eval_before and self.evaluate_fn is not None and st.step == 0 and not st.history:
+                metrics = self.validate()
+                record = {"type": "eval", "split": "val", "epoch": 0, "step": 0, "start": True,
+                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
+                st.history.append(record)
+                if self.log is not None:
+                    self.log.write(record)
+                self._say(f"start: val AP {max(metrics.get('AP', 0.0), 0.0):.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f}")
+            while st.epoch < cfg.epochs and not st.stopped_early and not (cfg.max_steps and st.step >= cfg.max_steps):
+                loader = make_train_loader(self.dataset, cfg.batch_size, seed=cfg.seed, epoch=st.epoch, rank=self.dist.rank,
+                                           world=self.dist.world, start=st.batch, workers=cfg.workers,
+                                           size_divisibility=self.module.model.cfg.input.size_divisibility)  # fmt: skip
+                for batch in loader:
+                    t0 = time.perf_counter()
+                    out = self.train_step(batch)
+                    st.batch += 1
+                    out["time"] = time.perf_counter() - t0
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if self.log is not None:
+                        self.log.write({"type": "step", "step": st.step, "epoch": st.epoch, "lr": lr, **out})
+                    if bar is not None:
+                        bar.update(task, completed=st.step, info=f"ep {st.epoch + 1}/{cfg.epochs} loss {out['loss']:.4f} lr {lr:.2e}"
+                                   + (f" skipped {st.skipped}" if st.skipped else ""))  # fmt: skip
+                    if out["skipped"]:
+                        warnings.warn(f"step {st.step}: non-finite loss or gradient, step skipped ({st.skipped} so far)", stacklevel=2)
+                    if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:
+                        self.save_checkpoint()
+                    if cfg.stop_after_steps and st.step >= cfg.stop_after_steps:
+                        self.save_checkpoint()
+                        barrier(self.dist)
+                        return TrainResult("stopped", st, None)
+                    if cfg.max_steps and st.step >= cfg.max_steps:
+                        break
+                st.epoch += 1
+                st.batch = 0
+                last_epoch = st.epoch >= cfg.epochs or bool(cfg.max_steps and st.step >= cfg.max_steps)
+                if self.evaluate_fn is not None and (st.epoch % cfg.eval_every_epochs == 0 or last_epoch):
+                    self._after_validation(self.validate())  # may set stopped_early
+                self.save_checkpoint()
+                barrier(self.dist)
+        finally:
+            stack.close()
+            if self.log is not None:
+                self.log.close()
+        if self.evaluate_fn is None:  # no validation: the final weights are the best
+            st.best_epoch = st.epoch
+            self.save_best()
+        st.finished = True
+        self.save_checkpoint()
+        barrier(self.dist)
+        return TrainResult("finished", st, self.ckpt_dir / "best.safetensors")
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda v: list(v) if isinstance(v, (set, tuple)) else str(v)))

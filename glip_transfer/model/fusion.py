@@ -60,7 +60,9 @@ class BiMultiHeadAttention(nn.Module):
 
         # image -> text: softmax over the real tokens only
         if mask_l is not None:
-            scores = scores.masked_fill(mask_l[:, None, None, :] == 0, -9e15)
+            # the reference adds -9e15; the most negative value of the dtype gives the same zeros and
+            # does not overflow float16
+            scores = scores.masked_fill(mask_l[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
         probs_v = scores.softmax(dim=-1)  # [B, h, N, T]
 
         probs_v = F.dropout(probs_v, p=self.dropout, training=self.training)

@@ -119,17 +119,6 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     return keep[torch.argsort(scores[keep], descending=True, stable=True)]
 
 
-def box_xyxy_to_cxcywh(boxes: torch.Tensor) -> torch.Tensor:
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1), dim=-1)
-
-
-def box_xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    """COCO ``(x, y, w, h)`` to ``(x1, y1, x2, y2)`` (plain, no +1)."""
-    x, y, w, h = boxes.unbind(-1)
-    return torch.stack((x, y, x + w, y + h), dim=-1)
-
-
 def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
     """``(x1, y1, x2, y2)`` to COCO ``(x, y, w, h)``; the reference adds 1 to widths when it exports
     detections (``BoxList.convert("xywh")`` uses the +1 convention)."""

@@ -69,6 +69,18 @@ def _torch_load(path: Path) -> dict:
         ) from None
 
 
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a safetensors file; a one-line :class:`CheckpointError` if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it may be truncated") from None
+
+
 def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The model weights of a checkpoint file with official key names (``module.`` stripped,
     ignorable keys dropped), and its metadata (our safetensors' config, or {})."""
@@ -77,14 +89,7 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
         raise CheckpointError(f"{path}: file not found (pass --weights PATH to an official GLIP .pth or a .safetensors)")
     meta: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{path}: not a readable safetensors file ({str(e)[:160]}); it may be truncated") from None
+        state, meta = read_safetensors(path)
     else:
         loaded = _torch_load(path)
         if not isinstance(loaded, dict):

@@ -162,16 +162,14 @@ def find_artifact(path: str | os.PathLike) -> Path:
 
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, Path]:
     """(tensors, metadata, file) of an artifact."""
-    from safetensors import safe_open
+    from ..checkpoint import CheckpointError, read_safetensors
 
     found = find_artifact(path)
     file = found / LORA_WEIGHTS if found.is_dir() else found
     try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001
-        raise AdapterError(f"{file}: not a readable adapter ({str(e).splitlines()[0][:120]})") from None
+        tensors, meta = read_safetensors(file)
+    except CheckpointError:
+        raise AdapterError(f"{file}: not a readable adapter (not a valid safetensors file; it may be truncated)") from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{file}: not a glip finetune adapter (no '{ADAPTER_FORMAT}' metadata)")
     return tensors, meta, found

@@ -14,6 +14,31 @@ from torch import nn
 CLAMP = 50000.0
 
 
+def _linear_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(weight, bias)`` such that ``module(x) == x @ weight.T + bias``: a plain ``nn.Linear``, or a
+    peft LoRA ``Linear`` with its active adapters folded in (``W + scaling * B @ A``, differentiable
+    in A and B). None when the module is not such an affine map (adapter dropout while training,
+    DoRA and other variants, an adapter bias): the caller then calls the module itself."""
+    if type(module) is nn.Linear:
+        return (module.weight, module.bias) if module.bias is not None else None
+    base = getattr(module, "base_layer", None)
+    if type(base) is not nn.Linear or base.bias is None or not hasattr(module, "get_delta_weight"):
+        return None
+    if module.disable_adapters or module.merged:
+        return None if module.disable_adapters and module.merged else (base.weight, base.bias)
+    weight = base.weight
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in getattr(module, "lora_variant", {}) or getattr(module, "lora_bias", {}).get(name, False):
+            return None
+        dropout = module.lora_dropout[name]
+        if dropout.training and getattr(dropout, "p", 0.0) > 0:
+            return None
+        weight = weight + module.get_delta_weight(name)
+    return weight, base.bias
+
+
 class BiMultiHeadAttention(nn.Module):
     """Cross-attention in both directions between visual tokens ``v [B, N, Cv]`` and text tokens
     ``l [B, T, Cl]`` sharing one score matrix; returns ``(delta_v [B, N, Cv], delta_l [B, T, Cl])``."""
@@ -46,29 +71,72 @@ class BiMultiHeadAttention(nn.Module):
         return x.transpose(1, 2).reshape(b, s, h * d)
 
     def forward(self, v: torch.Tensor, l: torch.Tensor, mask_l: torch.Tensor | None = None):
-        query = self._heads(self.v_proj(v) * self.scale)  # [B, h, N, d]
-        key = self._heads(self.l_proj(l))  # [B, h, T, d]
-        value_v = self._heads(self.values_v_proj(v))
-        value_l = self._heads(self.values_l_proj(l))
+        visual_side = [_linear_parts(m) for m in (self.v_proj, self.values_v_proj, self.out_v_proj)]
+        if all(parts is not None for parts in visual_side):
+            return self._forward_text_side(v, l, mask_l, *visual_side)
+        return self._forward_projected(v, l, mask_l)
 
-        scores = (query @ key.transpose(-1, -2)).clamp(-CLAMP, CLAMP)  # [B, h, N, T]
-
+    def _scores_to_probs(self, scores: torch.Tensor, mask_l: torch.Tensor | None, visual_dim: int, text_dim: int):
+        """Both softmaxes of the shared scores (visual positions along ``visual_dim``, text tokens
+        along ``text_dim``): ``(probs_v, probs_l)``, dropout applied."""
+        scores = scores.clamp(-CLAMP, CLAMP)
         # text -> image: softmax over ALL visual positions (image padding is not masked)
-        scores_t = scores.transpose(-1, -2)
-        scores_t = (scores_t - scores_t.max(dim=-1, keepdim=True).values).clamp(-CLAMP, CLAMP)
-        probs_l = scores_t.softmax(dim=-1)  # [B, h, T, N]
-
+        scores_t = (scores - scores.amax(dim=visual_dim, keepdim=True)).clamp(-CLAMP, CLAMP)
+        probs_l = scores_t.softmax(dim=visual_dim)
         # image -> text: softmax over the real tokens only
         if mask_l is not None:
             # the reference adds -9e15; the most negative value of the dtype gives the same zeros and
             # does not overflow float16
-            scores = scores.masked_fill(mask_l[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
-        probs_v = scores.softmax(dim=-1)  # [B, h, N, T]
-
+            shape = [mask_l.shape[0], 1, 1, 1]
+            shape[text_dim] = mask_l.shape[1]
+            scores = scores.masked_fill(mask_l.view(shape) == 0, torch.finfo(scores.dtype).min)
+        probs_v = scores.softmax(dim=text_dim)
         probs_v = F.dropout(probs_v, p=self.dropout, training=self.training)
         probs_l = F.dropout(probs_l, p=self.dropout, training=self.training)
+        return probs_v, probs_l
+
+    def _forward_projected(self, v, l, mask_l):
+        """The textbook order: project both sides to ``embed_dim``, attend, project back."""
+        query = self._heads(self.v_proj(v) * self.scale)  # [B, h, N, d]
+        key = self._heads(self.l_proj(l))  # [B, h, T, d]
+        value_v = self._heads(self.values_v_proj(v))
+        value_l = self._heads(self.values_l_proj(l))
+        scores = query @ key.transpose(-1, -2)  # [B, h, N, T]
+        probs_v, probs_l = self._scores_to_probs(scores, mask_l, visual_dim=2, text_dim=3)
         delta_v = self.out_v_proj(self._merge(probs_v @ value_l))
-        delta_l = self.out_l_proj(self._merge(probs_l @ value_v))
+        delta_l = self.out_l_proj(self._merge(probs_l.transpose(-1, -2) @ value_v))
+        return delta_v, delta_l
+
+    def _forward_text_side(self, v, l, mask_l, q_parts, value_parts, out_parts):
+        """The same function with the visual projections folded into the text side.
+
+        Every visual-side product is linear in ``v``, so the weights can meet the text first:
+        ``scores[n, h, t] = v[n] . (s W_q,h^T k[h, t]) + s b_q,h . k[h, t]`` and
+        ``delta_v[n] = sum_{h,t} p_v[n, h, t] (value_l[h, t] W_out,h^T) + b_out``, and
+        ``sum_n p_l[h, t, n] value_v[h, n] = (sum_n p_l[h, t, n] v[n]) W_v,h^T + b_v,h sum_n p_l``.
+        The products over the N visual positions then have width ``heads * T`` (160 for a
+        20-token caption) instead of ``embed_dim`` (2048): ~10x fewer FLOPs and no ``[B, N, 2048]``
+        activations, for any caption up to ``embed_dim / heads`` = 256 tokens.
+        """
+        b, n, cv = v.shape
+        t = l.shape[1]
+        h, d = self.num_heads, self.head_dim
+        key = self.l_proj(l).view(b, t, h, d) * self.scale
+        value_l = self.values_l_proj(l).view(b, t, h, d)
+        (w_q, b_q), (w_v, b_v), (w_out, b_out) = q_parts, value_parts, out_parts
+        fold_q = torch.einsum("bthd,hdc->bcht", key, w_q.view(h, d, cv)).reshape(b, cv, h * t)  # [B, Cv, h*T]
+        bias_q = torch.einsum("bthd,hd->bht", key, b_q.view(h, d)).reshape(b, 1, h * t)
+        scores = torch.baddbmm(bias_q, v, fold_q).view(b, n, h, t)  # [B, N, h, T]
+        probs_v, probs_l = self._scores_to_probs(scores, mask_l, visual_dim=1, text_dim=3)
+
+        fold_out = torch.einsum("bthd,chd->bhtc", value_l, w_out.view(cv, h, d)).reshape(b, h * t, cv)  # [B, h*T, Cv]
+        delta_v = torch.baddbmm(b_out, probs_v.reshape(b, n, h * t), fold_out)  # [B, N, Cv]
+
+        pooled = (probs_l.reshape(b, n, h * t).transpose(1, 2) @ v).view(b, h, t, cv)  # [B, h, T, Cv]
+        context = torch.einsum("bhtc,hdc->bthd", pooled, w_v.view(h, d, cv))
+        # the value bias, weighted by each row's probability mass (exactly 1 without dropout)
+        context = context + probs_l.sum(dim=1).transpose(1, 2)[..., None] * b_v.view(h, d)
+        delta_l = self.out_l_proj(context.reshape(b, t, h * d))
         return delta_v, delta_l
 
 

@@ -184,24 +184,23 @@ class VLDyHead(nn.Module):
 
     def run_tower(self, visual: list[torch.Tensor], text: TextFeatures) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The tower alone: fused levels and final text features ``[B, T, Ct]``."""
+        # checkpointing only pays when a backward will follow (also for a frozen head in eval mode)
+        recompute = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
         hidden = text.hidden
         for module in self.dyhead_tower:
             if isinstance(module, VLFuse):
-                if self.cfg.gradient_checkpointing and self.training:
+                if recompute:
                     visual, hidden = checkpoint(module, visual, hidden, text.mask, use_reentrant=False)
                 else:
                     visual, hidden = module(visual, hidden, text.mask)
             elif isinstance(module, HeadBertLayer):
                 hidden = module(hidden, text.mask)
             elif isinstance(module, DyConv):
-                if self.cfg.gradient_checkpointing and self.training:
-                    visual = checkpoint(module, visual, use_reentrant=False)
-                else:
-                    visual = module(visual)
+                visual = checkpoint(module, visual, use_reentrant=False) if recompute else module(visual)
         return visual, hidden
 
-    def forward(self, features: list[torch.Tensor], text: TextFeatures) -> HeadOutputs:
-        visual, hidden = self.run_tower(features, text)
+    def predict(self, visual: list[torch.Tensor], hidden: torch.Tensor, text: TextFeatures) -> HeadOutputs:
+        """The predictions from the tower's outputs (fused levels, final text features ``hidden``)."""
         tokens = hidden if self.cfg.fused_dot_product else text.embedded
         tokens = F.normalize(tokens, p=2, dim=-1)
         proj_tokens = self.dot_product_projection_text(tokens / 2.0)  # [B, T, C]
@@ -214,6 +213,10 @@ class VLDyHead(nn.Module):
             logits = (queries @ proj_tokens.transpose(-1, -2)) / self.log_scale.exp() + token_bias[:, None, :]
             token_logits.append(logits.clamp(-CLAMP, CLAMP))
         return HeadOutputs(box_regression, centerness, token_logits)
+
+    def forward(self, features: list[torch.Tensor], text: TextFeatures) -> HeadOutputs:
+        visual, hidden = self.run_tower(features, text)
+        return self.predict(visual, hidden, text)
 
 
 def build_head(cfg: HeadConfig, lang: LanguageConfig) -> VLDyHead:

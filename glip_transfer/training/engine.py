@@ -49,16 +49,6 @@ from .state import (
 )
 
 
-@contextlib.contextmanager
-def _tower_outputs(head: nn.Module, visual, hidden):
-    """Make ``head.forward`` use precomputed tower outputs (one code path for the predictions)."""
-    head.run_tower = lambda *_: (visual, hidden)
-    try:
-        yield
-    finally:
-        del head.run_tower
-
-
 class TrainModule(nn.Module):
     """GLIP + the trainer-owned prompt offset + the loss: ``forward(images, targets, input_ids,
     attention_mask)`` -> the loss dict. This is what DDP wraps."""
@@ -115,16 +105,7 @@ class TrainModule(nn.Module):
         if plan.tower_frozen:
             with torch.no_grad():
                 visual, hidden = head.run_tower(features, text)
-            with _tower_outputs(head, visual, hidden):
-                outputs = head(features, text)
-        elif model.cfg.head.gradient_checkpointing and not head.training and torch.is_grad_enabled():
-            # the head checkpoints its layers only in train mode; a frozen head (prompt tuning)
-            # runs in eval mode: switch the flag of the head module alone (its dropouts stay off)
-            head.training = True
-            try:
-                outputs = head(features, text)
-            finally:
-                head.training = False
+            outputs = head.predict(visual, hidden, text)
         else:
             outputs = head(features, text)
         anchors = model.rpn.anchor_generator([tuple(f.shape[-2:]) for f in features])

@@ -63,7 +63,16 @@ class GLIP(nn.Module):
     ) -> list[Detections]:
         """Detections per image in resized-image coordinates; labels index the rows of
         ``positive_map [L, T]`` (1-based). Under autocast the network runs in reduced precision;
-        the decoding always runs in float32."""
+        the decoding always runs in float32.
+
+        Padding positions after the last real token are dropped first: they cannot change the
+        visual features (the image-to-text softmax gives them zero weight) nor any real token's
+        features (BERT's and the fusion's masks), and no phrase maps to them, so the detections
+        are the same while the fused head's text-side work shrinks from 256 positions to the
+        caption's length."""
+        mapped = positive_map.nonzero()
+        length = max(text.used_length(), int(mapped[:, 1].max()) + 1 if len(mapped) else 0)
+        text, positive_map = text.truncate(length), positive_map[:, :length]
         outputs, anchors = self(images, text, prompt_offset)
         outputs = HeadOutputs(*([t.float() for t in field] for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)))
         return postprocess(outputs, anchors, positive_map.float(), image_sizes, self.cfg.postprocess)

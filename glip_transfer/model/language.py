@@ -40,6 +40,15 @@ class TextFeatures:
             self.mask.expand(batch_size, -1),
         )
 
+    def truncate(self, length: int) -> "TextFeatures":
+        """The first ``length`` positions (a view)."""
+        return TextFeatures(self.hidden[:, :length], self.embedded[:, :length], self.mask[:, :length])
+
+    def used_length(self) -> int:
+        """Positions up to the last real token of any prompt in the batch (at least 1)."""
+        real = self.mask.reshape(-1, self.mask.shape[-1]).any(dim=0).nonzero()
+        return int(real.max()) + 1 if len(real) else 1
+
     def with_offset(self, offset: torch.Tensor) -> "TextFeatures":
         """Add a learned ``[T, C]`` prompt offset to the features (prompt tuning), as the
         official ``language_prompt_v2`` does: to both ``hidden`` and ``embedded``."""

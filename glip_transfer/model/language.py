@@ -14,6 +14,13 @@ from torch import nn
 from ..config import LanguageConfig
 
 
+def used_length(attention_mask: torch.Tensor) -> int:
+    """Positions ``[..., T]`` up to the last real token of any prompt (at least 1): what is left
+    when the padding after every caption is cut."""
+    real = attention_mask.reshape(-1, attention_mask.shape[-1]).any(dim=0).nonzero()
+    return int(real.max()) + 1 if len(real) else 1
+
+
 @dataclass
 class TextFeatures:
     """Token features of a batch of prompts.
@@ -46,8 +53,7 @@ class TextFeatures:
 
     def used_length(self) -> int:
         """Positions up to the last real token of any prompt in the batch (at least 1)."""
-        real = self.mask.reshape(-1, self.mask.shape[-1]).any(dim=0).nonzero()
-        return int(real.max()) + 1 if len(real) else 1
+        return used_length(self.mask)
 
     def with_offset(self, offset: torch.Tensor) -> "TextFeatures":
         """Add a learned ``[T, C]`` prompt offset to the features (prompt tuning), as the

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..model.glip import GLIP
-from ..model.language import TextFeatures
+from ..model.language import TextFeatures, used_length
 from ..model.loss import GLIPLoss, GroundingTarget, LossConfig
 from .config import TrainConfig
 from .data import Batch, EpochBatchSampler, FixedPrompt, make_train_loader
@@ -74,7 +74,7 @@ class TrainModule(nn.Module):
         return out
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        n = max(int(attention_mask.sum(dim=1).max()), 1)
+        n = used_length(attention_mask)
         ids, mask = input_ids[:, :n], attention_mask[:, :n]
         if not self.plan.text_frozen:
             return self.model.encode_text(ids, mask)

@@ -112,7 +112,9 @@ def test_postprocessor_on_stored_head_outputs_is_exact(model, ref):
     dets = postprocess(outputs, anchors, ref["text.positive_map"], [(500, 500)], model.cfg.postprocess)[0]
     assert len(dets) == 100
     assert torch.equal(dets.labels, ref["det.labels"])
-    assert max_diff(dets.scores, ref["det.scores"]) == 0
+    # bit-exact where torch's vectorised sigmoid matches the reference machine's; CPUs with
+    # other SIMD kernels (AVX-512 here) round some scores one float32 ULP (6e-8 at 0.5) apart
+    assert max_diff(dets.scores, ref["det.scores"]) <= 1.2e-7
     assert max_diff(dets.boxes, ref["det.boxes_resized_image"]) < 1e-3
     assert max_diff(dets.rescale((500, 500), (512, 512)).boxes, ref["det.boxes"]) < 1e-3
 

@@ -5,13 +5,11 @@
 2. From that base, each mode transfers to a shifted task — the same kinds of images, but the
    caption's categories are renamed and bound to other colours ("sky" = blue, "apple" = red,
    "leaf" = green, so the base's habits are wrong) — and its AP rises well above the base's
-   starting AP within a CPU minute; LoRA reaches AP50 > 0.5. The learning rates are raised with
+   starting AP within tens of steps; LoRA reaches AP50 > 0.5. The learning rates are raised with
    ``--set`` (the official ones are for thousands of steps, these runs have tens).
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -30,9 +28,7 @@ def train(ann, images, vocab_dir, out, mode, epochs, *sets, weights=None):
                    epochs=epochs, batch_size=4, force=True, tokenizer=str(vocab_dir), progress=False,
                    sets=[*SIZES, "train.early_stop_patience=0", "train.eval_before=true", *sets])  # fmt: skip
     prep = prepare(spec)
-    start = time.perf_counter()
     summary = train_run(prep)
-    summary["seconds"] = time.perf_counter() - start
     history = [r for r in _log(out) if r.get("type") == "eval"]
     return prep, summary, history
 
@@ -62,7 +58,6 @@ def test_full_learns_from_scratch(base):
     start, best = base["history"][0], max(r["AP50"] for r in base["history"][1:])
     assert start.get("start") and start["AP50"] < 0.1
     assert best > 0.5, base["history"]
-    assert base["summary"]["seconds"] < 120
 
 
 @pytest.mark.parametrize(
@@ -85,7 +80,6 @@ def test_mode_transfers_to_a_shifted_task(base, shifted, vocab_dir, mode, epochs
     assert best_ap >= start["AP"] + 0.08 and best_ap >= 1.4 * start["AP"], (start, history)
     if mode == "lora":
         assert best50 > 0.5, history
-    assert summary["seconds"] < 90, summary["seconds"]
     if mode == "prompt":
         # the saved offset on the untouched base model gives the recorded val AP
         from glip_transfer.checkpoint import load_model

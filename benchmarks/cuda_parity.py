@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from glip_transfer.boxes import box_iou
 from glip_transfer.config import variant_config
-from glip_transfer.inference import autocast
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.postprocess import postprocess
 from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.runtime import autocast
 
 
 def detection_agreement(dets, ref) -> dict:

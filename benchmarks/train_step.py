@@ -22,24 +22,27 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from glip_transfer.config import variant_config
+from glip_transfer.model.glip import build_glip
+from glip_transfer.model.loss import GroundingTarget
+from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.training.config import TrainConfig
+from glip_transfer.training.data import Batch, FixedPrompt
+from glip_transfer.training.engine import Trainer, TrainModule
+from glip_transfer.training.modes import apply_mode, count_parameters, set_train_modes
 
 TARGETS = {"time": 0.35, "memory": 0.5}  # prompt step vs full step
 
 
 def worker(args) -> dict:
-    import torch
-
-    from glip_transfer.config import variant_config
-    from glip_transfer.model.glip import build_glip
-    from glip_transfer.reference import apply_deterministic_weights
-    from glip_transfer.training.config import TrainConfig
-    from glip_transfer.training.data import Batch, FixedPrompt
-    from glip_transfer.training.engine import Trainer, TrainModule
-    from glip_transfer.training.modes import apply_mode, count_parameters
-    from glip_transfer.model.loss import GroundingTarget
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -49,11 +52,10 @@ def worker(args) -> dict:
     model = build_glip(cfg)
     apply_deterministic_weights(model, cfg.head.num_convs)
     train_cfg = TrainConfig(batch_size=args.batch, amp=args.amp, amp_dtype=args.amp_dtype, lr=1e-4, schedule="constant",
-                            early_stop_patience=0, gradient_checkpointing=args.checkpointing)  # fmt: skip
+                            early_stop_patience=0)  # fmt: skip
     plan = apply_mode(model, args.mode, train_cfg)
     module = TrainModule(model, plan).to(device)
-    extra = {"prompt_offset": module.prompt_offset} if module.prompt_offset is not None else None
-    trainable, total = count_parameters(model, plan, extra)
+    trainable, total = count_parameters(model)
 
     t = args.tokens
     max_len = cfg.language.max_query_len
@@ -66,8 +68,6 @@ def worker(args) -> dict:
     for row in range(4):
         pmap[row, 1 + 2 * row] = 1.0
     prompt = FixedPrompt("synthetic", ids, mask, pmap, [1, 2, 3, 4])
-    import tempfile
-
     trainer = Trainer(module, train_cfg, list(range(args.batch)), device=device, out_dir=tempfile.mkdtemp(), prompt=prompt, progress=False)
 
     g = torch.Generator().manual_seed(1)
@@ -75,9 +75,6 @@ def worker(args) -> dict:
     boxes = torch.tensor([[20.0, 30.0, 140.0, 170.0], [150.0, 120.0, 300.0, 290.0]]) * (args.size / 320)
     targets = [GroundingTarget(boxes.clone(), pmap[[i % 4, (i + 1) % 4]].clone()) for i in range(args.batch)]
     batch = Batch(images, [(args.size, args.size)] * args.batch, targets, list(range(args.batch)))
-
-    from glip_transfer.training.modes import set_train_modes
-
     set_train_modes(model, plan, True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -100,7 +97,7 @@ def worker(args) -> dict:
     fwd, bwd = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        with trainer._autocast():
+        with trainer.autocast():
             losses = trainer.wrapped(batch_on.images, batch_on.targets, ids_on, mask_on)
         loss = sum(losses.values())
         sync()
@@ -138,7 +135,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 / fp16)")
     parser.add_argument("--amp-dtype", default="auto", choices=("auto", "bfloat16", "float16"))
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the fused head")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (fused head and Swin)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -148,11 +145,6 @@ def main() -> None:
         args.mode = args.worker
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
-
-    from rich.console import Console
-    from rich.table import Table
-
-    import torch
 
     console = Console()
     rows = []

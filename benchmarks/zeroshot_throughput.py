@@ -24,8 +24,9 @@ from rich.table import Table
 from glip_transfer.config import variant_config
 from glip_transfer.inference import EncodedPrompt, evaluate_dataset
 from glip_transfer.model.glip import build_glip
-from glip_transfer.prompts import build_detection_prompt, load_tokenizer
+from glip_transfer.prompts import build_detection_prompt
 from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.tokenizer import load_tokenizer
 
 COCO_NAMES = (
     "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign parking_meter "

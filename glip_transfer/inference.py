@@ -5,16 +5,17 @@ into chunks runs once per chunk per image and the detections are merged per imag
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
+from .evaluation import detections_to_coco
 from .model.glip import GLIP
 from .model.language import TextFeatures
 from .model.postprocess import Detections, merge_chunk_detections
 from .prompts import PromptChunk, tokenize
+from .runtime import autocast
 
 
 @dataclass
@@ -67,7 +68,6 @@ def detect_batch(
     images: torch.Tensor,
     image_sizes: list[tuple[int, int]],
     prompt: EncodedPrompt,
-    prompt_offset: torch.Tensor | None = None,
     cache_text: bool = True,
     amp: bool = False,
 ) -> list[Detections]:
@@ -76,19 +76,10 @@ def detect_batch(
     chunks are merged. ``amp``: CUDA autocast (bf16 where supported, else fp16)."""
     device = images.device
     with autocast(device, amp):
-        return _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text)
+        return _detect_batch(model, images, image_sizes, prompt, cache_text)
 
 
-def autocast(device: torch.device, enabled: bool):
-    """CUDA autocast in bf16 where the GPU supports it, else fp16; a no-op on CPU, whose paths stay
-    float32 (no bf16 units on the CPUs this runs on)."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text) -> list[Detections]:
+def _detect_batch(model, images, image_sizes, prompt, cache_text) -> list[Detections]:
     device = images.device
     per_chunk = []
     first_label = 0
@@ -97,7 +88,7 @@ def _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text)
             text = prompt.features(model, index, device)
         else:
             text = model.encode_text(prompt.input_ids[index].to(device), prompt.attention_masks[index].to(device))
-        dets = model.detect(images, image_sizes, text, chunk.positive_map.to(device), prompt_offset)
+        dets = model.detect(images, image_sizes, text, chunk.positive_map.to(device))
         for d in dets:
             d.labels = d.labels + first_label
         per_chunk.append(dets)
@@ -119,7 +110,6 @@ def evaluate_dataset(
     prompt: EncodedPrompt,
     *,
     device: torch.device,
-    prompt_offset: torch.Tensor | None = None,
     cache_text: bool = True,
     on_batch: Callable[[list, list[dict]], None] | None = None,
     skip_image_ids: set | None = None,
@@ -132,8 +122,6 @@ def evaluate_dataset(
     must be the dataset's category ids. ``on_batch`` receives each batch's results as soon as they
     exist, with the batch's image ids (for incremental writing); images in ``skip_image_ids`` are
     not run."""
-    from .evaluation import detections_to_coco
-
     label_to_category = {i + 1: cid for i, cid in enumerate(prompt.label_ids)}
     results: list[dict] = []
     model.eval()
@@ -144,7 +132,7 @@ def evaluate_dataset(
                 images = images[keep]
                 image_sizes = [image_sizes[i] for i in keep]
                 infos = [infos[i] for i in keep]
-            dets = detect_batch(model, images.to(device), image_sizes, prompt, prompt_offset, cache_text, amp)
+            dets = detect_batch(model, images.to(device), image_sizes, prompt, cache_text, amp)
             batch_results = []
             for d, info in zip(dets, infos):
                 d = to_original_size(d.to("cpu"), info["resized_size"], info["original_size"])

@@ -19,116 +19,28 @@ covers (the *positive map*). This module reproduces the official evaluation
 Beyond the reference: a caption never silently exceeds BERT's 256 tokens (automatic chunking,
 or :class:`PromptError`), and a category that maps to no token is reported by name.
 
-Everything here is a pure function of its arguments (the tokenizer loader caches).
+Everything here is a pure function of its arguments; the tokenizer itself is loaded by
+:mod:`glip_transfer.tokenizer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
-MAX_QUERY_LEN = 256
-"""Token positions of the language model input (``MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN``)."""
+from .config import MAX_QUERY_LEN, ConfigError, load_yaml
 
 SEPARATOR = ". "
 """``DATASETS.SEPARATION_TOKENS`` of every released GLIP config."""
 
-DEFAULT_TOKENIZER = "bert-base-uncased"
-BERT_VOCAB_SIZE = 30522
-
-
 class PromptError(ValueError):
     """A prompt, phrase, prompt file or tokenizer problem; the message says what and how to fix it."""
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _tokenizer_fix(name: str) -> str:
-    return (
-        f"pass --tokenizer DIR (a folder with bert-base-uncased's vocab.txt) or set GLIP_TOKENIZER=DIR"
-        if name == DEFAULT_TOKENIZER
-        else "pass --tokenizer DIR with a vocab.txt (bert-base-uncased's), or a Hugging Face hub id"
-    )
-
-
-def _hub_reachable() -> bool:
-    """A quick DNS look-up of the hub, so that an offline machine fails at once instead of retrying."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(name_or_dir: str):
-    """A fast BERT tokenizer: a local folder with ``vocab.txt`` (or ``tokenizer.json``), a path to
-    such a ``vocab.txt``, or a Hugging Face hub id (``bert-base-uncased``, from the local cache
-    first). Raises :class:`PromptError` (one line naming the tokenizer and the fix) when it
-    cannot be loaded. The result is cached per argument; treat it as read-only.
-    """
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    name = str(name_or_dir)
-    path = Path(name).expanduser()
-    tokenizer = None
-    if path.is_file():
-        if path.name != "vocab.txt":
-            raise PromptError(f"tokenizer {name!r} is a file but not a vocab.txt: {_tokenizer_fix(name)}")
-        path = path.parent
-    if path.is_dir():
-        if not ((path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()):
-            raise PromptError(f"tokenizer folder {name!r} has no vocab.txt: {_tokenizer_fix(name)}")
-        try:
-            # transformers 5: BertTokenizer(vocab_file=...) ignores the file; from_pretrained reads it
-            tokenizer = BertTokenizerFast.from_pretrained(str(path))
-        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-            raise PromptError(f"tokenizer folder {name!r} could not be read ({_first_line(e)}): {_tokenizer_fix(name)}") from None
-    elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.altsep and os.altsep in name):
-        raise PromptError(f"tokenizer folder {name!r} does not exist: {_tokenizer_fix(name)}")
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not in the local cache: try the hub if it can be reached
-            if not _hub_reachable():
-                raise PromptError(
-                    f"tokenizer {name!r} is not a folder here nor in the local Hugging Face cache, and the hub cannot be reached: {_tokenizer_fix(name)}"
-                ) from None
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-            except Exception as e:  # noqa: BLE001
-                raise PromptError(f"tokenizer {name!r} could not be loaded ({_first_line(e)}): {_tokenizer_fix(name)}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise PromptError(f"tokenizer {name!r} is not a fast tokenizer (char_to_token needs one): {_tokenizer_fix(name)}")
-    size = len(tokenizer)
-    if size < 1000:
-        raise PromptError(f"tokenizer {name!r} has only {size} tokens, not BERT's vocabulary: {_tokenizer_fix(name)}")
-    if size != BERT_VOCAB_SIZE:
-        warnings.warn(
-            f"tokenizer {name!r} has {size} tokens, GLIP's BERT has {BERT_VOCAB_SIZE}: token ids may not match the checkpoint",
-            stacklevel=2,
-        )
-    return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
 
 
 # --------------------------------------------------------------------------- names and categories
@@ -275,8 +187,6 @@ def parse_prompt_entries(data: Any, where: str = "prompts") -> dict[Any, Categor
 
 def load_prompt_file(path: str | os.PathLike) -> dict[Any, CategoryPrompt]:
     """Read a prompt YAML (format in ``prompts/README.md``) -> ``{category id: CategoryPrompt}``."""
-    from .config import ConfigError, load_yaml
-
     try:
         data = load_yaml(path)
     except ConfigError as e:

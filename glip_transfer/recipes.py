@@ -15,11 +15,25 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, from_dict, load_yaml
+import yaml
+
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .prompts import (
+    DetectionPrompt,
+    PromptError,
+    as_categories,
+    build_caption,
+    build_detection_prompt,
+    drop_background,
+    is_background,
+    load_prompt_file,
+    sort_categories,
+)
 
 FROM_ANNOTATIONS = "from_annotations"
 METRICS = ("coco", "lvis_fixed_ap", "lvis")
@@ -78,6 +92,12 @@ class Evaluation:
     detections_per_img: int = 100
     chunk_size: int | None = None  # TEST.CHUNKED_EVALUATION; None = one caption (chunked only if too long)
     metric: str = "coco"  # coco | lvis_fixed_ap | lvis
+
+    def model_overrides(self) -> list[str]:
+        """The model settings (``--set model.*`` form, prefix removed) that evaluate as this says:
+        the test resize and the detections kept per image."""
+        return [f"input.min_size={self.min_size}", f"input.max_size={self.max_size}",
+                f"postprocess.detections_per_img={self.detections_per_img}"]  # fmt: skip
 
 
 @dataclass
@@ -371,8 +391,6 @@ def _validate(recipe: Recipe, where: str) -> None:
 def _read_yaml(path: str | os.PathLike) -> dict:
     """:func:`~glip_transfer.config.load_yaml` (same checks and one-line errors), with libyaml's
     safe loader when available: listing every recipe stays fast."""
-    import yaml
-
     loader = getattr(yaml, "CSafeLoader", None)
     if loader is not None:
         try:
@@ -476,8 +494,6 @@ def resolve_prompt_file(recipe: Recipe) -> Path | None:
 
 def recipe_prompts(recipe: Recipe) -> dict:
     """``{category id: CategoryPrompt}`` of the recipe's prompt file ({} without one)."""
-    from .prompts import PromptError, load_prompt_file
-
     path = resolve_prompt_file(recipe)
     if path is None:
         return {}
@@ -492,8 +508,6 @@ def resolve_categories(recipe: Recipe, annotation_categories: Any = None) -> lis
     for ``categories: from_annotations``, the annotation file's. With both, every recipe id must be
     in the annotation file (raises otherwise); annotation categories missing from the recipe are
     not prompted (as the official override) and are returned by :func:`categories_not_in_recipe`."""
-    from .prompts import as_categories
-
     if recipe.categories_from_annotations:
         if annotation_categories is None:
             recipe.category_list()  # raises the explanatory error
@@ -512,19 +526,15 @@ def resolve_categories(recipe: Recipe, annotation_categories: Any = None) -> lis
 
 def categories_not_in_recipe(recipe: Recipe, annotation_categories: Any) -> list[tuple[Any, str]]:
     """Annotation categories that the recipe does not list (their boxes cannot be detected)."""
-    from .prompts import as_categories, is_background
-
     if recipe.categories_from_annotations:
         return []
     ids = {c.id for c in recipe.categories}
     return [(cid, name) for cid, name in as_categories(annotation_categories) if cid not in ids and not is_background(cid, name)]
 
 
-def evaluation_prompt(recipe: Recipe, tokenizer, annotation_categories: Any = None, warn: bool = True):
+def evaluation_prompt(recipe: Recipe, tokenizer, annotation_categories: Any = None, warn: bool = True) -> DetectionPrompt:
     """The exact evaluation prompt(s) of a recipe: a :class:`~glip_transfer.prompts.DetectionPrompt`
     (its ``caption_or_captions`` is the caption, or the list of captions when chunked)."""
-    from .prompts import PromptError, build_detection_prompt
-
     categories = resolve_categories(recipe, annotation_categories)
     try:
         return build_detection_prompt(
@@ -542,8 +552,6 @@ def evaluation_captions(recipe: Recipe, tokenizer, annotation_categories: Any = 
 def untokenized_captions(recipe: Recipe, annotation_categories: Any = None) -> str | list[str]:
     """The evaluation caption(s) built without a tokenizer: equal to :func:`evaluation_captions`
     unless a caption would exceed 256 tokens (which only a tokenizer can tell)."""
-    from .prompts import as_categories, build_caption, drop_background, sort_categories
-
     cats, _ = drop_background(sort_categories(as_categories(resolve_categories(recipe, annotation_categories))))
     prompts = recipe_prompts(recipe)
     size = recipe.evaluation.chunk_size
@@ -554,8 +562,6 @@ def untokenized_captions(recipe: Recipe, annotation_categories: Any = None) -> s
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain data (JSON-ready)."""
-    from .config import to_dict
-
     data = to_dict(recipe)
     if recipe.categories_from_annotations:
         data["categories"] = FROM_ANNOTATIONS
@@ -565,3 +571,48 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def replace(recipe: Recipe, **changes) -> Recipe:
     """A copy with fields changed (``dataclasses.replace``)."""
     return dataclasses.replace(recipe, **changes)
+
+
+def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """The recipe with ``--set`` overrides of its own keys (``evaluation.min_size=600``) applied
+    and validated again."""
+    if not overrides:
+        return recipe
+    data = {k: v for k, v in recipe_to_dict(recipe).items() if k != "path"}
+    return parse_recipe(apply_overrides(data, overrides), where=f"--set on {recipe.name}", path=recipe.path)
+
+
+def adhoc_recipe(splits: dict[str, tuple[Path, Path]], eval_split: str = "val") -> Recipe:
+    """A recipe for a COCO dataset given by files (``--ann`` / ``--images`` and friends):
+    ``{split: (annotation file, image folder)}``, named after the first annotation file, its
+    categories from the annotation file. Paths are made absolute, so ``--data-root`` never applies."""
+    ann, _ = next(iter(splits.values()))
+    data = {
+        "name": ann.stem,
+        "splits": {split: {"ann_file": str(a.resolve()), "img_dir": str(i.resolve())} for split, (a, i) in splits.items()},
+        "categories": FROM_ANNOTATIONS,
+        "evaluation": {"split": eval_split},
+    }
+    return parse_recipe(data, where=str(ann))
+
+
+def split_paths(recipe: Recipe, split: str, data_root: Path) -> tuple[Path, Path]:
+    """The annotation file and image folder of a split: a recipe's relative paths are under
+    ``data_root``, absolute ones are taken as they are. ``FileNotFoundError`` (one line naming the
+    path and ``--data-root``) when either is missing."""
+    files = recipe.split(split)
+    ann, images = data_root / files.ann_file, data_root / files.img_dir  # an absolute path replaces data_root
+    if not ann.is_file():
+        raise FileNotFoundError(
+            f"{ann}: {split} annotation file of recipe {recipe.name} not found; check --data-root (now {data_root})"
+        )
+    if not images.is_dir():
+        raise FileNotFoundError(
+            f"{images}: {split} image folder of recipe {recipe.name} not found; check --data-root (now {data_root})"
+        )
+    return ann, images
+
+
+def safe_name(name: str) -> str:
+    """A recipe name as a folder name (run folders are named after recipes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"

@@ -9,27 +9,18 @@ import torch
 from typer.testing import CliRunner
 
 from glip_transfer.checkpoint import save_model
+from glip_transfer.cli import app
 from glip_transfer.config import variant_config
 from glip_transfer.model.glip import build_glip
-from glip_transfer.training.synthetic import make_rectangles
+from glip_transfer.training.run import RunSpec, prepare, train_run
+from synthetic import make_rectangles
 
 runner = CliRunner()
 SIZES = ["--set", "train.min_sizes=[96]", "--set", "train.max_size=160", "--set", "evaluation.min_size=96", "--set", "evaluation.max_size=128"]
 
 
-def train_app():
-    """``glip`` itself once ``cli.py`` registers the commands, else the commands' own app."""
-    from glip_transfer import cli
-
-    if any(c.name == "finetune" for c in cli.app.registered_commands):
-        return cli.app
-    from glip_transfer.commands.train import app
-
-    return app
-
-
 def invoke(*args):
-    return runner.invoke(train_app(), [str(a) for a in args], catch_exceptions=False)
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +29,8 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_glip(variant_config("test-tiny"))
-    with torch.no_grad():
-        model.rpn.head.bias0.fill_(2.0)  # non-empty detections from the start
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_model(model, path)
-    return path
+def base_weights(tiny_weights):
+    return tiny_weights  # non-empty detections from the start
 
 
 def finetune(data, vocab_dir, *args):
@@ -107,8 +92,11 @@ def test_finished_run_is_not_overwritten_without_force(data, vocab_dir, tmp_path
 def test_unfinished_run_needs_resume_or_force(data, vocab_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--variant", "test-tiny", "--mode", "linear", "--epochs", "2", "--batch-size", "4", "--out", out]
-    stopped = finetune(data, vocab_dir, *args, "--set", "train.stop_after_steps=1")
-    assert stopped.exit_code == 0 and "--resume" in stopped.output
+    ann, images = data
+    spec = RunSpec(mode="linear", ann=ann, images=images, variant="test-tiny", out=out, epochs=2, batch_size=4,
+                   tokenizer=str(vocab_dir), progress=False, sets=[s for s in SIZES if s != "--set"])  # fmt: skip
+    stopped = train_run(prepare(spec), stop_after_steps=1)  # as if killed after step 1
+    assert stopped["status"] == "stopped" and not (out / "result.json").exists()
     again = finetune(data, vocab_dir, *args)
     assert again.exit_code == 2 and "unfinished run" in again.output
     done = finetune(data, vocab_dir, *args, "--resume")
@@ -134,8 +122,6 @@ def test_few_shot_seeds_report_mean_and_std(data, vocab_dir, tmp_path):
 
 
 def _zeroshot_ap(weights, adapter, ann, images, vocab_dir, out):
-    from glip_transfer.cli import app
-
     result = runner.invoke(app, ["zeroshot", "eval", "--weights", str(weights), "--adapter", str(adapter), "--ann", str(ann), "--images",
                                  str(images), "--tokenizer", str(vocab_dir), "--device", "cpu", "--out", str(out), "--batch-size", "4",
                                  "--set", "evaluation.min_size=96", "--set", "evaluation.max_size=128"], catch_exceptions=False)  # fmt: skip
@@ -161,8 +147,6 @@ def test_artifact_reproduces_its_val_ap_on_the_base_model(data, vocab_dir, base_
     torch.manual_seed(5)
     other = tmp_path / "other.safetensors"
     save_model(build_glip(variant_config("test-tiny")), other)
-    from glip_transfer.cli import app
-
     refused = runner.invoke(app, ["zeroshot", "eval", "--weights", str(other), "--adapter", str(out), "--ann", str(ann), "--images", str(images),
                                   "--tokenizer", str(vocab_dir), "--device", "cpu", "--out", str(tmp_path / "eval2")])  # fmt: skip
     assert refused.exit_code == 2 and "made for base weights" in refused.output

@@ -19,18 +19,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_glip(variant_config("test-tiny"))
-    # make every location score above the thresholds so outputs are non-empty
-    with torch.no_grad():
-        model.rpn.head.bias0.fill_(2.0)
-    folder = tmp_path_factory.mktemp("weights")
-    path = folder / "tiny.safetensors"
-    save_model(model, path)
-    state = {"module." + k: v for k, v in model.state_dict().items()}
-    torch.save({"model": state}, folder / "tiny.pth")
-    return path
+def weights(tiny_weights):
+    """test-tiny with every location above the thresholds (non-empty outputs); ``tiny.pth`` beside it."""
+    return tiny_weights
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from glip_transfer.prompts import (
     clean_name,
     label_to_tokens,
     labels_to_category_ids,
-    load_tokenizer,
     parse_prompt_entries,
     phrase_caption,
     phrase_prompt,
@@ -403,27 +402,3 @@ def test_phrase_prompt_positive_map(tokenizer):
     assert chunk.label_to_tokens == {1: [2], 2: [5, 6]}
     with pytest.raises(PromptError, match="tokens"):
         phrase_prompt(tokenizer, " ".join(["word"] * 300))
-
-
-# --------------------------------------------------------------------------- tokenizer loading
-
-
-def test_load_tokenizer_from_folder_and_vocab_file(tokenizer, vocab_dir):
-    assert tokenizer.is_fast and len(tokenizer) == 30522
-    assert load_tokenizer(str(vocab_dir / "vocab.txt"))("person").input_ids == [101, 2711, 102]
-
-
-def test_load_tokenizer_errors(tmp_path, monkeypatch):
-    with pytest.raises(PromptError) as e:
-        load_tokenizer(str(tmp_path / "missing"))
-    assert "--tokenizer DIR" in one_line(e) and "missing" in str(e.value)
-    with pytest.raises(PromptError) as e:
-        load_tokenizer(str(tmp_path))
-    assert "no vocab.txt" in one_line(e)
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(PromptError):
-        load_tokenizer(str(tmp_path / "notes.txt"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PromptError) as e:
-        load_tokenizer("glip-transfer-test/no-such-tokenizer")
-    assert "glip-transfer-test/no-such-tokenizer" in one_line(e) and "--tokenizer DIR" in str(e.value)

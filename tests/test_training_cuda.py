@@ -12,6 +12,7 @@ import torch
 from glip_transfer.config import variant_config
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.loss import GroundingTarget
+from glip_transfer.model.fusion import BiMultiHeadAttention
 from glip_transfer.training.config import TrainConfig
 from glip_transfer.training.data import Batch, FixedPrompt
 from glip_transfer.training.engine import Trainer, TrainModule
@@ -23,8 +24,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def fp16_unsupported_by_the_model() -> str | None:
     """The fused head masks scores with -9e15, which float16 cannot hold (the official adds a
     float32 mask instead); until that changes, float16 autocast cannot run the model."""
-    from glip_transfer.model.fusion import BiMultiHeadAttention
-
     attn = BiMultiHeadAttention(8, 8, 8, 2).cuda()
     try:
         with torch.autocast("cuda", dtype=torch.float16):

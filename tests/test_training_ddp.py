@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from glip_transfer.training.state import load_state_file
-from glip_transfer.training.synthetic import make_rectangles
+from synthetic import make_rectangles
 
 pytestmark = pytest.mark.slow  # two training runs in subprocesses, ~40 s on 2 cores
 
@@ -21,9 +21,9 @@ pytestmark = pytest.mark.slow  # two training runs in subprocesses, ~40 s on 2 c
 def launch(args: list[str], processes: int, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "GLIP_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "glip_transfer.commands.train", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "glip_transfer", *args]
     else:
-        cmd = [sys.executable, "-m", "glip_transfer.commands.train", *args]
+        cmd = [sys.executable, "-m", "glip_transfer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glip_transfer.checkpoint import save_model
+from glip_transfer.checkpoint import load_model, save_model
+from glip_transfer.training.artifacts import apply_adapter
+from glip_transfer.training.evaluate import evaluate
+from glip_transfer.training.report import read_log
 from glip_transfer.training.run import RunSpec, prepare, train_run
-from glip_transfer.training.synthetic import make_rectangles
+from synthetic import make_rectangles
 
 pytestmark = pytest.mark.slow  # about two minutes on 2 cores
 
@@ -34,8 +37,6 @@ def train(ann, images, vocab_dir, out, mode, epochs, *sets, weights=None):
 
 
 def _log(out):
-    from glip_transfer.training.report import read_log
-
     return read_log(out / "log.jsonl")
 
 
@@ -82,11 +83,7 @@ def test_mode_transfers_to_a_shifted_task(base, shifted, vocab_dir, mode, epochs
         assert best50 > 0.5, history
     if mode == "prompt":
         # the saved offset on the untouched base model gives the recorded val AP
-        from glip_transfer.checkpoint import load_model
-        from glip_transfer.training.artifacts import apply_adapter
-        from glip_transfer.training.evaluate import evaluate
-
         model, _ = load_model(base["weights"], overrides=["input.min_size=128", "input.max_size=160"])
-        model, offset = apply_adapter(model, out / "prompt.safetensors", weights=base["weights"], captions=prep.encoded.captions)
-        _, metrics = evaluate(model, prep.val, prep.encoded, batch_size=4, device=torch.device("cpu"), prompt_offset=offset)
+        model = apply_adapter(model, out / "prompt.safetensors", weights=base["weights"], captions=prep.encoded.captions)
+        _, metrics = evaluate(model, prep.val, prep.encoded, batch_size=4, device=torch.device("cpu"))
         assert metrics["AP"] == pytest.approx(best_ap, abs=1e-9)

@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..checkpoint import compare_state, config_from_metadata, detect_variant, read_state_dict
+from ..config import variant_config
 from .common import console, handle_errors
 
 PARTS = ("backbone.body", "backbone.fpn", "language_backbone", "rpn.head", "rpn.anchor_generator")
@@ -33,9 +35,7 @@ def inspect_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Show a checkpoint's variant, parameter counts per part, and how its keys fit the model."""
-    from ..checkpoint import compare_state, config_from_metadata, detect_variant, read_state_dict
-    from ..config import variant_config
-    from ..model.glip import build_glip
+    from ..model.glip import build_glip  # torchvision: a second to import, not for `glip --help`
 
     state, meta = read_state_dict(path, use_ema=ema)
     detected = detect_variant(state)

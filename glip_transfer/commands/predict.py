@@ -5,10 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import typer
 
-from .common import console, default_tokenizer, err_console, fail, handle_errors, progress_bar, resolve_device
+from ..checkpoint import load_model
+from ..data import DataError, load_image
+from ..evaluation import atomic_write_text
+from ..prompts import build_detection_prompt, phrase_prompt
+from ..recipes import Evaluation
+from ..runtime import progress_bar, resolve_device
+from ..tokenizer import default_tokenizer, load_tokenizer
+from ..transforms import pad_batch, test_transform
+from ..visualize import draw_detections, save_png
+from .common import console, err_console, fail, handle_errors
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -66,13 +74,9 @@ def predict_command(
     json_path: Path = typer.Option(None, "--json", help="Write all detections to this JSON file."),
 ):
     """Detect categories (--classes) or phrases of a free-text prompt (--prompt) in images."""
-    from ..checkpoint import load_model
-    from ..data import DataError, load_image
-    from ..inference import detect_batch, to_original_size
-    from ..prompts import build_detection_prompt, load_tokenizer, phrase_prompt
-    from ..transforms import pad_batch, test_transform
-    from ..visualize import draw_detections, save_png
-    from ..inference import EncodedPrompt
+    # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
+    from ..inference import EncodedPrompt, detect_batch, to_original_size
+    from ..training.artifacts import apply_adapter
 
     if (classes is None) == (prompt is None):
         fail("give exactly one of --classes \"a,b,c\" or --prompt \"free text\"")
@@ -82,7 +86,7 @@ def predict_command(
         err_console.print("[yellow]note:[/] neither --out nor --json given; printing a summary only")
     paths = collect_images(images)
     dev = resolve_device(device)
-    overrides = [f"input.min_size={min_size}", f"input.max_size={max_size}", f"postprocess.detections_per_img={max_detections}"]
+    overrides = Evaluation(min_size=min_size, max_size=max_size, detections_per_img=max_detections).model_overrides()
     model, _ = load_model(weights, variant=variant, tokenizer=tokenizer or None, overrides=overrides)
     tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
     max_len = model.cfg.language.max_query_len
@@ -98,11 +102,8 @@ def predict_command(
     else:
         encoded = EncodedPrompt.from_chunks(tok, [phrase_prompt(tok, prompt, phrase or None, max_len)], max_len)
         names = encoded.names
-    prompt_offset = None
     if adapter is not None:
-        from ..training.artifacts import apply_adapter
-
-        model, prompt_offset = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
+        model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
     model = model.to(dev).eval()
 
     records: list[dict] = []
@@ -127,7 +128,7 @@ def predict_command(
                 used.append(start + i)
             if tensors:
                 batch, image_sizes = pad_batch(tensors, model.cfg.input.size_divisibility)
-                dets = detect_batch(model, batch.to(dev), image_sizes, encoded, prompt_offset, amp=amp)
+                dets = detect_batch(model, batch.to(dev), image_sizes, encoded, amp=amp)
                 for pil, d, resized, index in zip(pils, dets, sizes, used):
                     d = to_original_size(d.to("cpu"), resized, (pil.height, pil.width))
                     detections = [
@@ -142,8 +143,6 @@ def predict_command(
             bar.update(task, advance=len(batch_paths), info=f"{sum(len(r['detections']) for r in records)} detections")
 
     if json_path is not None:
-        from ..evaluation import atomic_write_text
-
         atomic_write_text(json_path, json.dumps(records, indent=1))
     total = sum(len(r["detections"]) for r in records)
     console.print(

@@ -10,7 +10,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, default_tokenizer, err_console, handle_errors
+from ..prompts import PromptError, as_categories
+from ..recipes import (
+    RecipeError,
+    evaluation_prompt,
+    list_recipes,
+    load_recipe,
+    recipe_prompts,
+    recipe_to_dict,
+    recipes_dir,
+    resolve_prompt_file,
+    untokenized_captions,
+)
+from ..tokenizer import default_tokenizer, load_tokenizer
+from .common import console, err_console, handle_errors
 
 app = typer.Typer(
     name="recipes",
@@ -39,7 +52,6 @@ def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """List the recipes: name, short alias, number of categories, evaluation split."""
-    from ..recipes import list_recipes, recipes_dir
 
     recipes = list_recipes()
     if as_json:
@@ -99,16 +111,6 @@ def show_command(
     ),
 ):
     """Show a recipe: files, categories, prompt entries and the exact evaluation caption(s)."""
-    from ..prompts import PromptError, load_tokenizer
-    from ..recipes import (
-        evaluation_prompt,
-        load_recipe,
-        recipe_prompts,
-        recipe_to_dict,
-        resolve_prompt_file,
-        untokenized_captions,
-    )
-
     recipe = load_recipe(name)
     tokenizer_name = default_tokenizer(tokenizer)
     annotation_categories = None
@@ -145,7 +147,7 @@ def show_command(
         categories = (
             None
             if annotation_categories is None
-            else [{"id": cid, "name": n} for cid, n in _pairs(annotation_categories)]
+            else [{"id": cid, "name": n} for cid, n in as_categories(annotation_categories)]
         )
     else:
         categories = [{"id": c.id, "name": c.name} for c in recipe.categories]
@@ -232,16 +234,8 @@ def _prompt_text(p) -> str:
     return f"override: {json.dumps(p.override, ensure_ascii=False)}"
 
 
-def _pairs(categories):
-    from ..prompts import as_categories
-
-    return as_categories(categories)
-
-
 def _annotation_categories(path: Path) -> list[dict]:
     """The ``categories`` of a COCO/LVIS annotation file (read in full: LVIS files are large)."""
-    from ..recipes import RecipeError
-
     if not path.is_file():
         raise RecipeError(f"annotation file {str(path)!r} not found: check --data-root")
     try:

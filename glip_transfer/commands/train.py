@@ -1,14 +1,11 @@
 """``glip finetune`` and ``glip pretrain``: transfer a GLIP model to a dataset (full fine-tuning,
 prompt tuning, linear probing, LoRA, text-only) or pretrain on grounding / detection data.
 
-Register in ``cli.py``::
-
-    from .commands.train import finetune_command, pretrain_command
-    app.command("finetune")(finetune_command)
-    app.command("pretrain")(pretrain_command)
-
 Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m glip_transfer finetune ...`` (DDP,
 NCCL on GPU, gloo on CPU; ``--batch-size`` is global).
+
+The library (``glip_transfer.training``, which pulls in torchvision and the model) is imported
+when a command runs, not when ``glip --help`` lists them.
 """
 
 from __future__ import annotations
@@ -18,7 +15,9 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
+from ..evaluation import atomic_write_text
 from .common import console, err_console, fail, handle_errors
 
 MODE_HELP = "full | prompt | linear | lora | text"
@@ -38,9 +37,7 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def _summary_table(prep):
-    from rich.table import Table
-
+def _summary_table(prep) -> Table:
     table = Table(title=f"{prep.plan.mode}: trainable parameters", show_edge=False)
     table.add_column("part")
     table.add_column("trainable", justify="right")
@@ -71,6 +68,7 @@ def _describe(prep) -> None:
 
 def _run(spec, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
     from ..training.distributed import init_from_env, shutdown
+    from ..training.engine import Trainer
     from ..training.run import RESULT_FILE, prepare, train_run
 
     dist_info, device = init_from_env(spec.device)
@@ -93,24 +91,20 @@ def _run(spec, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
                         summaries.append((seed, json.loads(done.read_text())))
                         continue
                 if dry_run:
-                    from ..training.engine import Trainer
-
+                    # builds the optimiser and the schedule too
                     Trainer(prep.module, prep.cfg, prep.dataset, device=device, out_dir=prep.out, prompt=prep.prompt,
-                            dist_info=dist_info, progress=False)  # fmt: skip  # builds the optimiser and schedule
+                            dist_info=dist_info, progress=False)  # fmt: skip
                     if dist_info.main:
                         if as_json:
                             typer.echo(json.dumps({"mode": prep.plan.mode, "trainable": prep.trainable, "total": prep.total}))
                         else:
                             _describe(prep)
-                            console.print(f"dry run: model, mode, data ({len(prep.dataset)} items per epoch) and optimiser are built; nothing trained")
+                            console.print(f"dry run: model, mode, data ({len(prep.dataset)} items per epoch) and "
+                                          "optimiser are built; nothing trained")  # fmt: skip
                     return
                 if dist_info.main:
                     _describe(prep)
                 summary = train_run(prep, console=console if dist_info.main else None)
-                if summary.get("status") == "stopped":
-                    if dist_info.main:
-                        console.print(f"stopped after step {summary['step']} (train.stop_after_steps); continue with --resume --out {base_out or prep.out}")
-                    return
                 summaries.append((seed, summary))
                 if dist_info.main:
                     console.print(f"written: {prep.out}", highlight=False)
@@ -123,9 +117,6 @@ def _run(spec, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
 def _seed_summary(summaries, folder: Path) -> None:
     """Per-seed results and their mean ± std (sample standard deviation), printed and written to
     ``seeds.json`` in ``folder``."""
-    from rich.table import Table
-
-    from ..evaluation import atomic_write_text
     from ..training.run import mean_std
 
     keys = ("best_val_AP", "test_AP", "test_AP50")
@@ -235,11 +226,3 @@ def pretrain_command(
                    sets=list(sets or []), data_root=data_root, device=device, tokenizer=tokenizer, ann=ann, images=images,
                    val_ann=val_ann, val_images=val_images, resume=resume, force=force, workers=workers, pretrain=True)  # fmt: skip
     _run(spec, None, dry_run, as_json)
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
-app.command("finetune")(finetune_command)
-app.command("pretrain")(pretrain_command)
-
-if __name__ == "__main__":  # python -m glip_transfer.commands.train finetune ... (before cli.py registers them)
-    app()

@@ -4,38 +4,30 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import typer
 
-from .common import console, default_tokenizer, err_console, fail, handle_errors, progress_bar, resolve_device
+from ..checkpoint import load_model
+from ..config import split_overrides
+from ..data import DetectionDataset, load_coco, make_loader
+from ..evaluation import atomic_write_text, coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
+from ..recipes import (
+    adhoc_recipe,
+    categories_not_in_recipe,
+    evaluation_prompt,
+    load_recipe,
+    override_recipe,
+    safe_name,
+    split_paths,
+)
+from ..runtime import progress_bar, resolve_device
+from ..tokenizer import default_tokenizer, load_tokenizer
+from .common import console, err_console, fail, handle_errors
 
 app = typer.Typer(help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True)
 
 PARTIAL = "partial_results.jsonl"
-
-
-def split_overrides(sets: list[str]) -> tuple[list[str], list[str]]:
-    """``--set`` keys starting with ``model.`` configure the model, the rest the recipe."""
-    model, recipe = [], []
-    for item in sets or []:
-        (model if item.startswith("model.") else recipe).append(item.removeprefix("model."))
-    return model, recipe
-
-
-def adhoc_recipe(ann: Path, images: Path):
-    """A recipe for a COCO dataset given by files: categories from the annotation file."""
-    from ..recipes import parse_recipe
-
-    return parse_recipe(
-        {
-            "name": ann.stem,
-            "splits": {"val": {"ann_file": str(ann.resolve()), "img_dir": str(images.resolve())}},
-            "categories": "from_annotations",
-        },
-        where=str(ann),
-    )
 
 
 def load_partial(path: Path) -> tuple[set, list[dict]]:
@@ -51,10 +43,6 @@ def load_partial(path: Path) -> tuple[set, list[dict]]:
             done.update(batch["image_ids"])
             results.extend(batch["results"])
     return done, results
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
 
 
 @app.command("eval")
@@ -81,30 +69,19 @@ def eval_command(
     no_text_cache: bool = typer.Option(False, "--no-text-cache", hidden=True, help="Re-run BERT per batch."),
 ):
     """Evaluate on a recipe's dataset (or --ann/--images) and write COCO results and AP tables."""
-    from ..checkpoint import load_model
-    from ..config import apply_overrides
-    from ..data import DetectionDataset, load_coco, make_loader
-    from ..evaluation import coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
+    # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
     from ..inference import EncodedPrompt, evaluate_dataset
-    from ..prompts import load_tokenizer
-    from ..recipes import categories_not_in_recipe, evaluation_prompt, load_recipe, parse_recipe, recipe_to_dict
+    from ..training.artifacts import apply_adapter
 
     if (recipe is None) == (ann is None):
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
-    model_sets, recipe_sets = split_overrides(sets)
-    rec = load_recipe(recipe) if recipe else adhoc_recipe(ann, images)
-    if recipe_sets:
-        data = {k: v for k, v in recipe_to_dict(rec).items() if k != "path"}
-        rec = parse_recipe(apply_overrides(data, recipe_sets), where=f"--set on {rec.name}", path=rec.path)
+    sets_by = split_overrides(sets, ("model",))
+    rec = override_recipe(load_recipe(recipe) if recipe else adhoc_recipe({"val": (ann, images)}), sets_by["recipe"])
+    split = split or rec.evaluation.split
+    ann_file, img_dir = split_paths(rec, split, data_root)
     files = rec.split(split)
-    ann_file = data_root / files.ann_file
-    img_dir = data_root / files.img_dir
-    if not ann_file.is_file():
-        fail(f"{ann_file}: annotation file of recipe {rec.name} not found; check --data-root (now {data_root})")
-    if not img_dir.is_dir():
-        fail(f"{img_dir}: image folder of recipe {rec.name} not found; check --data-root (now {data_root})")
 
     out = out or Path("runs") / "zeroshot" / safe_name(rec.name)
     partial_path = out / PARTIAL
@@ -122,8 +99,7 @@ def eval_command(
 
     coco = load_coco(ann_file, require_annotations=False)
     ev = rec.evaluation
-    overrides = [f"input.min_size={ev.min_size}", f"input.max_size={ev.max_size}", f"postprocess.detections_per_img={ev.detections_per_img}"]
-    model, _ = load_model(weights, variant=variant, tokenizer=tokenizer, overrides=overrides + model_sets)
+    model, _ = load_model(weights, variant=variant, tokenizer=tokenizer, overrides=ev.model_overrides() + sets_by["model"])
     tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
     detection_prompt = evaluation_prompt(rec, tok, list(coco.categories.values()))
     for notice in detection_prompt.notices:
@@ -133,11 +109,8 @@ def eval_command(
         err_console.print(f"[yellow]note:[/] {len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
                           + ", ".join(repr(n) for _, n in unprompted[:5]))  # fmt: skip
     encoded = EncodedPrompt.from_chunks(tok, detection_prompt.chunks, model.cfg.language.max_query_len)
-    prompt_offset = None
     if adapter is not None:
-        from ..training.artifacts import apply_adapter
-
-        model, prompt_offset = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
+        model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
     dev = resolve_device(device)
     model = model.to(dev).eval()
 
@@ -161,7 +134,7 @@ def eval_command(
             bar.update(task, info=f"{written[0]} detections")
 
         new = evaluate_dataset(
-            model, loader, encoded, device=dev, prompt_offset=prompt_offset, cache_text=not no_text_cache,
+            model, loader, encoded, device=dev, cache_text=not no_text_cache,
             on_batch=on_batch, skip_image_ids=done_ids, amp=amp,
             progress=lambda n: bar.update(task, advance=n),
         )  # fmt: skip
@@ -176,8 +149,6 @@ def eval_command(
     metrics["captions"] = encoded.captions
     paths = write_results(out, results, metrics)
     if export_odinw is not None:
-        from ..evaluation import atomic_write_text
-
         atomic_write_text(export_odinw, json.dumps({rec.name.split("/", 1)[-1]: results}))
     partial_path.unlink(missing_ok=True)
     console.print(summary_table(metrics, title=f"{rec.name} ({files.img_dir})"))

@@ -13,9 +13,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import HeadConfig, LanguageConfig
+from .autograd import grad_if_needed
 from .deform import modulated_deform_conv3x3
 from .fusion import CLAMP, HeadBertLayer, VLFuse
 from .language import TextFeatures
+
+PREDICTORS = ("bbox_pred", "centerness", "dot_product_projection_text", "log_scale", "bias_lang", "bias0")
+"""The head's prediction layers (official ``linear_prob``: its name patterns ``bbox_pred``,
+``cls_logits``, ``centerness``, ``cosine_scale``, ``dot_product_projection_text``,
+``head.log_scale``, ``head.bias_lang``, ``head.bias0`` over the rpn's parameters, less
+``cls_logits``, frozen by the dot-product token loss, and ``cosine_scale``, which GLIP lacks; the
+per-level ``scales`` match none of them)."""
 
 
 def h_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +163,7 @@ class VLDyHead(nn.Module):
     def __init__(self, cfg: HeadConfig, lang: LanguageConfig):
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = cfg.gradient_checkpointing
         c, t = cfg.channels, lang.hidden_size
         tower: list[nn.Module] = []
         for i in range(cfg.num_convs):
@@ -182,10 +191,19 @@ class VLDyHead(nn.Module):
         self.bias0 = nn.Parameter(torch.tensor([bias_value]))
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(5)])
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the tower's fusion and DyConv layers in the backward pass instead of keeping
+        their activations (official ``MODEL.DYHEAD.USE_CHECKPOINT``): less memory, more compute."""
+        self.grad_checkpointing = enable
+
+    def predictor_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the prediction layers (:data:`PREDICTORS`), names relative to the head."""
+        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] in PREDICTORS]
+
     def run_tower(self, visual: list[torch.Tensor], text: TextFeatures) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The tower alone: fused levels and final text features ``[B, T, Ct]``."""
         # checkpointing only pays when a backward will follow (also for a frozen head in eval mode)
-        recompute = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         hidden = text.hidden
         for module in self.dyhead_tower:
             if isinstance(module, VLFuse):
@@ -215,7 +233,9 @@ class VLDyHead(nn.Module):
         return HeadOutputs(box_regression, centerness, token_logits)
 
     def forward(self, features: list[torch.Tensor], text: TextFeatures) -> HeadOutputs:
-        visual, hidden = self.run_tower(features, text)
+        # a frozen tower fed by inputs that need no gradient (linear probing) runs without autograd
+        with grad_if_needed(self.dyhead_tower, *features, text.hidden, text.embedded):
+            visual, hidden = self.run_tower(features, text)
         return self.predict(visual, hidden, text)
 
 

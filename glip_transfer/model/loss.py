@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import boxes as box_ops
+from ..config import MAX_QUERY_LEN
 from .head import HeadOutputs
 
 
@@ -47,7 +48,7 @@ class LossConfig:
     # every negative anchor target the last slot (index max_query_len - 1, the "no object" token);
     # like any target it only counts where the text mask is 1 there, i.e. for a caption that fills
     # (or was truncated to) all max_query_len tokens. Shorter padding never reaches that slot.
-    max_query_len: int = 256
+    max_query_len: int = MAX_QUERY_LEN
 
 
 @dataclass

@@ -273,6 +273,11 @@ class SwinTransformer(nn.Module):
     def out_channels(self) -> list[int]:
         return [self.num_features[i] for i in self.out_indices]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass of a training forward instead of keeping its activations."""
+        for layer in self.layers:
+            layer.use_checkpoint = enable
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(images)
         outs = []

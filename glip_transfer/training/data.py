@@ -26,9 +26,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ..config import MAX_QUERY_LEN
 from ..data import CocoData, DataError, TrainingDataset, _load_for_dataset, clip_and_filter, coco_boxes_to_xyxy
 from ..model.loss import GroundingTarget
-from ..prompts import SEPARATOR, clean_name, span_to_tokens
+from ..prompts import SEPARATOR, PromptChunk, clean_name, span_to_tokens, tokenize
 from ..transforms import TrainTransform, pad_batch
 
 # --------------------------------------------------------------------------- few-shot subsets
@@ -91,11 +92,9 @@ class FixedPrompt:
         return int(self.attention_mask.sum())
 
 
-def fixed_prompt(tokenizer, chunk, max_len: int = 256) -> FixedPrompt:
+def fixed_prompt(tokenizer, chunk: PromptChunk, max_len: int = MAX_QUERY_LEN) -> FixedPrompt:
     """The :class:`FixedPrompt` of a :class:`glip_transfer.prompts.PromptChunk` (the caption and
     positive map of ``glip_transfer.prompts.build_detection_prompt``, official semantics)."""
-    from ..prompts import tokenize
-
     enc = tokenize(tokenizer, chunk.text, max_len)
     return FixedPrompt(chunk.text, enc["input_ids"], enc["attention_mask"], chunk.positive_map.clone(), list(chunk.category_ids))
 
@@ -103,7 +102,7 @@ def fixed_prompt(tokenizer, chunk, max_len: int = 256) -> FixedPrompt:
 # --------------------------------------------------------------------------- datasets
 
 
-class _AugmentedCoco(TrainingDataset):
+class AugmentedCoco(TrainingDataset):
     """A :class:`TrainingDataset` repeated ``copies`` times whose item ``i`` draws from
     ``random.Random(f"{seed}:{epoch}:{i}")`` (each copy differently)."""
 
@@ -136,7 +135,7 @@ class _AugmentedCoco(TrainingDataset):
         return out.image, out.boxes, anns, info
 
 
-class DetectionGroundingDataset(_AugmentedCoco):
+class DetectionGroundingDataset(AugmentedCoco):
     """Detection data under one fixed prompt: item = ``(image, target)`` with ``target`` =
     ``{"boxes" [N, 4], "positive_map" [N, T] (the prompt's row of each box's category),
     "image_id", ...}``. Boxes of categories the prompt does not contain are dropped (official:
@@ -174,14 +173,14 @@ def _token_rows(encoding, spans_per_box: Sequence[Sequence[tuple[int, int]]], ma
     return rows, [bool(r.any()) for r in rows]
 
 
-class CaptionGroundingDataset(_AugmentedCoco):
+class CaptionGroundingDataset(AugmentedCoco):
     """Grounding data (MDETR / GoldG): each image entry has a ``caption``; each box a
     ``tokens_positive`` list of ``[start, end)`` character spans into it. Item = ``(image,
     target)`` with ``target["input_ids"]`` ``[T]`` (the caption's tokens, at most ``max_len``) and
     ``target["positive_map"]`` ``[N, T]``; boxes whose phrase has no token (or lies past
     ``max_len``) are dropped."""
 
-    def __init__(self, coco, image_root, transform, tokenizer, *, max_len: int = 256, **kwargs):
+    def __init__(self, coco, image_root, transform, tokenizer, *, max_len: int = MAX_QUERY_LEN, **kwargs):
         super().__init__(coco, image_root, transform, **kwargs)
         self.tokenizer = tokenizer
         self.max_len = max_len
@@ -207,7 +206,7 @@ class CaptionGroundingDataset(_AugmentedCoco):
         return image, info
 
 
-class DetectionPretrainDataset(_AugmentedCoco):
+class DetectionPretrainDataset(AugmentedCoco):
     """Detection data as grounding for pretraining (official
     ``convert_object_detection_to_grounding_optimized_for_od``, ``RANDOM_SAMPLE_NEG``,
     ``CONTROL_PROB (0, 0, 0.5, 0)``, separator ``". "``): the image's categories (shuffled, the
@@ -215,7 +214,7 @@ class DetectionPretrainDataset(_AugmentedCoco):
     and negatives — with probability ``full_negative_prob`` ``negatives`` of them, else a uniform
     1..``negatives`` — drawn among all categories, kept while they fit, the whole list shuffled."""
 
-    def __init__(self, coco, image_root, transform, tokenizer, *, negatives: int = 85, max_len: int = 256,
+    def __init__(self, coco, image_root, transform, tokenizer, *, negatives: int = 85, max_len: int = MAX_QUERY_LEN,
                  full_negative_prob: float = 0.5, **kwargs):  # fmt: skip
         super().__init__(coco, image_root, transform, **kwargs)
         self.tokenizer = tokenizer

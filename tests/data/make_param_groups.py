@@ -44,9 +44,32 @@ def main() -> None:
             module = TrainModule(model, plan)
         named = [("rpn.tunable_linear.weight" if n == "prompt_offset" else n, p) for n, p in module.named_trainable()]
         out[key] = [[g["lr"], g["weight_decay"], g["names"]] for g in param_groups(named, cfg, mode)]
-    path = Path(__file__).with_name("param_groups.json")
-    path.write_text(json.dumps({"commit": "4b7a6b5", "cases": out}, indent=0) + "\n")
-    print(path, path.stat().st_size)
+    write_table(out, Path(__file__).with_name("param_groups.json"))
+
+
+def write_table(cases: dict[str, list], path: Path) -> None:
+    """The groups with parameter names as indices into one name list (runs as ``[first, last]``)."""
+    names: list[str] = []
+    index: dict[str, int] = {}
+    compact = {}
+    for key, groups in cases.items():
+        rows = []
+        for lr, wd, group_names in groups:
+            runs: list[list[int]] = []
+            for name in group_names:
+                i = index.setdefault(name, len(names))
+                if i == len(names):
+                    names.append(name)
+                if runs and runs[-1][1] == i - 1:
+                    runs[-1][1] = i
+                else:
+                    runs.append([i, i])
+            rows.append([lr, wd, [a if a == b else [a, b] for a, b in runs]])
+        compact[key] = rows
+    note = "groups: [lr, weight decay, parameter indices into names (runs as [first, last])], in the optimiser's order"
+    names_text = ",\n".join(json.dumps(n) for n in names)
+    cases_text = ",\n".join(f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in compact.items())
+    path.write_text(f'{{"commit":"4b7a6b5","note":{json.dumps(note)},\n"names":[\n{names_text}\n],\n"cases":{{\n{cases_text}\n}}}}\n')
 
 
 if __name__ == "__main__":

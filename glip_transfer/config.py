@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-
 MAX_QUERY_LEN = 256
 """Token positions of the language model input (``MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN``)."""
 
@@ -140,7 +139,9 @@ def _glip_t_a() -> GLIPConfig:
 def _glip_l() -> GLIPConfig:
     return GLIPConfig(
         variant="glip-l",
-        swin=SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4),
+        swin=SwinConfig(
+            embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4
+        ),
         head=HeadConfig(num_convs=8),
     )
 

@@ -24,9 +24,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
 from .boxes import box_xyxy_to_xywh
+from .checkpoint import atomic_write
 from .data import CocoData, DataError, load_coco
 
 # (key, pycocotools stats index, description)
@@ -70,7 +73,8 @@ def detections_to_coco(
     label_list = labels.detach().cpu().reshape(-1).tolist()
     if not len(xywh) == len(score_list) == len(label_list):
         raise ValueError(
-            f"detections_to_coco: {len(xywh)} boxes, {len(score_list)} scores and {len(label_list)} labels; they must match"
+            f"detections_to_coco: {len(xywh)} boxes, {len(score_list)} scores and {len(label_list)} labels; they "
+            "must match"
         )
     results = []
     for box, score, label in zip(xywh, score_list, label_list):
@@ -96,7 +100,9 @@ def _gt_coco(coco_gt: Any) -> tuple[Any, str]:
         return data.coco(), str(data.path)
     if hasattr(coco_gt, "loadRes") and hasattr(coco_gt, "dataset"):
         return coco_gt, "ground truth"
-    raise TypeError(f"coco_evaluate: coco_gt must be a pycocotools COCO, a CocoData or a path, got {type(coco_gt).__name__}")
+    raise TypeError(
+        f"coco_evaluate: coco_gt must be a pycocotools COCO, a CocoData or a path, got {type(coco_gt).__name__}"
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -114,7 +120,8 @@ def _check_results(results: Sequence[Mapping], coco: Any, gt_name: str) -> list[
         missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in res]
         if missing:
             raise DataError(
-                f"results[{i}] lacks {', '.join(repr(k) for k in missing)}; each result needs image_id, category_id, bbox, score"
+                f"results[{i}] lacks {', '.join(repr(k) for k in missing)}; each result needs image_id, category_id, "
+                "bbox, score"
             )
         box = res["bbox"]
         if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_is_number(v) for v in box):
@@ -143,10 +150,12 @@ def _check_results(results: Sequence[Mapping], coco: Any, gt_name: str) -> list[
 
 
 def _empty_results_coco(coco: Any) -> Any:
-    from pycocotools.coco import COCO
-
     dt = COCO()
-    dt.dataset = {"images": list(coco.dataset["images"]), "categories": list(coco.dataset["categories"]), "annotations": []}
+    dt.dataset = {
+        "images": list(coco.dataset["images"]),
+        "categories": list(coco.dataset["categories"]),
+        "annotations": [],
+    }
     dt.createIndex()
     return dt
 
@@ -167,8 +176,6 @@ def coco_evaluate(coco_gt: Any, results: Sequence[Mapping], *, image_ids: Iterab
     A path is validated strictly by :func:`~glip_transfer.data.load_coco`; pass
     ``load_coco(path, invalid_boxes="drop")`` to evaluate against a file with degenerate boxes.
     """
-    from pycocotools.cocoeval import COCOeval
-
     coco, gt_name = _gt_coco(coco_gt)
     checked = _check_results(results, coco, gt_name)
     log = io.StringIO()
@@ -228,10 +235,12 @@ def _per_category(evaluator: Any, coco: Any) -> list[dict]:
 # --------------------------------------------------------------------------- LVIS
 
 
-def lvis_evaluate(lvis_gt: str | os.PathLike | Any, results: Sequence[Mapping], *, max_dets: int = 300) -> dict[str, float]:
+def lvis_evaluate(
+    lvis_gt: str | os.PathLike | Any, results: Sequence[Mapping], *, max_dets: int = 300
+) -> dict[str, float]:
     """LVIS box AP (``AP``, ``AP50``, ``AP75``, ``APs/m/l``, ``APr/c/f``, ``AR@300`` ...) with the
     official ``lvis`` package (an optional dependency)."""
-    try:
+    try:  # an optional dependency
         from lvis import LVIS, LVISEval, LVISResults
     except ImportError:
         raise ImportError("lvis_evaluate needs the 'lvis' package: pip install 'glip-transfer[lvis]'") from None
@@ -259,7 +268,6 @@ def _json_default(value: Any) -> Any:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (see :func:`glip_transfer.checkpoint.atomic_write`)."""
-    from .checkpoint import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -325,12 +333,16 @@ def write_results(
         per_category = metrics.get("per_category", [])
     paths = {name: out / name for name in ("bbox.json", "metrics.json", "per_category.csv", "report.md")}
     atomic_write_text(paths["bbox.json"], json.dumps(list(results), default=_json_default))
-    atomic_write_text(paths["metrics.json"], json.dumps(scalar_metrics(metrics), indent=2, default=_json_default) + "\n")
+    atomic_write_text(
+        paths["metrics.json"], json.dumps(scalar_metrics(metrics), indent=2, default=_json_default) + "\n"
+    )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["category_id", "name", "AP", "AP50", "gt_instances"])
     for row in per_category:
-        writer.writerow([row["category_id"], row["name"], f"{row['AP']:.6f}", f"{row['AP50']:.6f}", row["gt_instances"]])
+        writer.writerow(
+            [row["category_id"], row["name"], f"{row['AP']:.6f}", f"{row['AP50']:.6f}", row["gt_instances"]]
+        )
     atomic_write_text(paths["per_category.csv"], buffer.getvalue())
     atomic_write_text(paths["report.md"], _markdown_report(metrics, per_category))
     return paths
@@ -360,6 +372,12 @@ def per_category_table(per_category: Sequence[Mapping], title: str = "Per catego
     table.add_column("AP50", justify="right")
     table.add_column("GT boxes", justify="right")
     for row in per_category:
-        cells = (str(row["category_id"]), str(row["name"]), _fmt(row["AP"]), _fmt(row["AP50"]), str(row["gt_instances"]))
+        cells = (
+            str(row["category_id"]),
+            str(row["name"]),
+            _fmt(row["AP"]),
+            _fmt(row["AP50"]),
+            str(row["gt_instances"]),
+        )
         table.add_row(*cells)
     return table

@@ -54,7 +54,9 @@ class EncodedPrompt:
     def features(self, model: GLIP, index: int, device: torch.device) -> TextFeatures:
         key = (index, str(device))
         if key not in self._features:
-            self._features[key] = model.encode_text(self.input_ids[index].to(device), self.attention_masks[index].to(device))
+            self._features[key] = model.encode_text(
+                self.input_ids[index].to(device), self.attention_masks[index].to(device)
+            )
         return self._features[key]
 
     def clear_cache(self) -> None:
@@ -136,7 +138,9 @@ def evaluate_dataset(
             batch_results = []
             for d, info in zip(dets, infos):
                 d = to_original_size(d.to("cpu"), info["resized_size"], info["original_size"])
-                batch_results.extend(detections_to_coco(info["image_id"], d.boxes, d.scores, d.labels, label_to_category))
+                batch_results.extend(
+                    detections_to_coco(info["image_id"], d.boxes, d.scores, d.labels, label_to_category)
+                )
             results.extend(batch_results)
             if on_batch is not None:
                 on_batch([info["image_id"] for info in infos], batch_results)

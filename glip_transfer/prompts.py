@@ -39,6 +39,7 @@ from .config import MAX_QUERY_LEN, ConfigError, load_yaml
 SEPARATOR = ". "
 """``DATASETS.SEPARATION_TOKENS`` of every released GLIP config."""
 
+
 class PromptError(ValueError):
     """A prompt, phrase, prompt file or tokenizer problem; the message says what and how to fix it."""
 
@@ -84,7 +85,9 @@ def as_categories(categories: Any) -> list[tuple[Any, str]]:
             elif hasattr(entry, "id") and hasattr(entry, "name"):
                 items.append((entry.id, entry.name))
             else:
-                raise PromptError(f"categories[{i}]: expected a name, an (id, name) pair or an {{id, name}} entry, got {entry!r}")
+                raise PromptError(
+                    f"categories[{i}]: expected a name, an (id, name) pair or an {{id, name}} entry, got {entry!r}"
+                )
     for cid, name in items:
         if not isinstance(name, str):
             raise PromptError(f"category {cid!r}: the name must be text, got {name!r}")
@@ -146,7 +149,9 @@ def parse_prompt_entries(data: Any, where: str = "prompts") -> dict[Any, Categor
     if isinstance(data, Mapping):
         unknown = sorted(set(data) - {"categories", "description", "source"})
         if unknown:
-            raise PromptError(f"{where}: unknown key {unknown[0]!r} (a prompt file has 'categories', 'description', 'source')")
+            raise PromptError(
+                f"{where}: unknown key {unknown[0]!r} (a prompt file has 'categories', 'description', 'source')"
+            )
         entries = data.get("categories")
         if entries is None:
             raise PromptError(f"{where}: no 'categories' list (add categories: [{{id: 1, override: ...}}])")
@@ -371,7 +376,9 @@ def positive_map(
     ``warnings.warn``; a token past ``max_len`` raises :class:`PromptError`."""
     encodings = getattr(tokenized_encoding, "encodings", None)
     if encodings is not None and len(encodings) != 1:
-        raise PromptError(f"positive_map takes the encoding of one caption, got a batch of {len(encodings)}: pass encoding[i]")
+        raise PromptError(
+            f"positive_map takes the encoding of one caption, got a batch of {len(encodings)}: pass encoding[i]"
+        )
     matrix = torch.zeros((len(spans_per_label), max_len), dtype=torch.float32)
     for row, spans in enumerate(spans_per_label):
         for start, end in spans:
@@ -523,7 +530,8 @@ def split_to_fit(
         if not fits(cats[start:end]):
             cid, name = cats[start]
             raise PromptError(
-                f"category {name!r} (id {cid!r}) alone is more than {max_len} tokens: shorten its name or caption prompt"
+                f"category {name!r} (id {cid!r}) alone is more than {max_len} tokens: shorten its name or caption "
+                "prompt"
             )
         groups.append(cats[start:end])
         start = end
@@ -557,13 +565,19 @@ def build_detection_prompt(
     if drop_background_entries:
         cats, dropped = drop_background(cats)
         if dropped:
-            notices.append(f"left out {len(dropped)} background entr{'y' if len(dropped) == 1 else 'ies'} (name __background__ or id 0): {', '.join(repr(d) for d in dropped)}")
+            notices.append(
+                f"left out {len(dropped)} background entr{'y' if len(dropped) == 1 else 'ies'} (name __background__ "
+                f"or id 0): {', '.join(repr(d) for d in dropped)}"
+            )
     if not cats:
         raise PromptError("no categories to build a prompt from")
     ids = {cid for cid, _ in cats}
     stray = [cid for cid in prompts if cid not in ids]
     if stray:
-        raise PromptError(f"prompt entry for category id {stray[0]!r}, which is not a category here (ids: {_id_range(cats)}): fix the prompt file's ids")
+        raise PromptError(
+            f"prompt entry for category id {stray[0]!r}, which is not a category here (ids: {_id_range(cats)}): fix "
+            "the prompt file's ids"
+        )
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise PromptError(f"chunk size must be a whole number >= 1, got {chunk_size!r}")
@@ -580,7 +594,9 @@ def build_detection_prompt(
             continue
         parts = split_to_fit(tokenizer, group, prompts, max_len, separator)
         groups.extend(parts)
-        what = "the categories" if chunk_size is None else f"a chunk of {len(group)} categories (ids {_id_range(group)})"
+        what = (
+            "the categories" if chunk_size is None else f"a chunk of {len(group)} categories (ids {_id_range(group)})"
+        )
         sizes = [len(p) for p in parts]
         sizes_text = ", ".join(map(str, sizes)) if len(sizes) <= 4 else f"{min(sizes)} to {max(sizes)}"
         notices.append(
@@ -627,7 +643,9 @@ def phrase_caption(prompt: str, phrases: Sequence[str] | None = None) -> Caption
             if start < 0:
                 match = re.search(re.escape(phrase), prompt, flags=re.IGNORECASE)
                 if match is None:
-                    raise PromptError(f"--phrase {phrase!r} is not in the prompt {prompt!r}: each phrase must be a part of the prompt")
+                    raise PromptError(
+                        f"--phrase {phrase!r} is not in the prompt {prompt!r}: each phrase must be a part of the prompt"
+                    )
                 start, end = match.start(), match.end()
             else:
                 end = start + len(phrase)
@@ -646,7 +664,9 @@ def phrase_caption(prompt: str, phrases: Sequence[str] | None = None) -> Caption
     return Caption(prompt, tuple(out))
 
 
-def phrase_prompt(tokenizer, prompt: str, phrases: Sequence[str] | None = None, max_len: int = MAX_QUERY_LEN, warn: bool = True) -> PromptChunk:
+def phrase_prompt(
+    tokenizer, prompt: str, phrases: Sequence[str] | None = None, max_len: int = MAX_QUERY_LEN, warn: bool = True
+) -> PromptChunk:
     """:func:`phrase_caption` with its positive map, checked against ``max_len`` tokens."""
     caption = phrase_caption(prompt, phrases)
     n = token_count(tokenizer, caption.text)

@@ -70,7 +70,9 @@ class FewShotFiles:
     def ann_file(self, split: str, shot: int, seed: int) -> str:
         pattern = getattr(self, f"{split}_ann_file", None)
         if pattern is None:
-            raise RecipeError(f"few_shot: no prepared {split} subsets (splits with them: {', '.join(self.splits) or 'none'})")
+            raise RecipeError(
+                f"few_shot: no prepared {split} subsets (splits with them: {', '.join(self.splits) or 'none'})"
+            )
         return pattern.format(shot=shot, seed=seed)
 
     @property
@@ -96,8 +98,11 @@ class Evaluation:
     def model_overrides(self) -> list[str]:
         """The model settings (``--set model.*`` form, prefix removed) that evaluate as this says:
         the test resize and the detections kept per image."""
-        return [f"input.min_size={self.min_size}", f"input.max_size={self.max_size}",
-                f"postprocess.detections_per_img={self.detections_per_img}"]  # fmt: skip
+        return [
+            f"input.min_size={self.min_size}",
+            f"input.max_size={self.max_size}",
+            f"postprocess.detections_per_img={self.detections_per_img}",
+        ]
 
 
 @dataclass
@@ -256,7 +261,10 @@ def parse_recipe(data: dict, where: str = "recipe", path: str | None = None) -> 
     raw_categories = data.get("categories")
     if isinstance(raw_categories, str):
         if raw_categories != FROM_ANNOTATIONS:
-            raise RecipeError(f"{where}: categories: {raw_categories!r} is not a list; write a list of {{id, name}} or '{FROM_ANNOTATIONS}'")
+            raise RecipeError(
+                f"{where}: categories: {raw_categories!r} is not a list; write a list of {{id, name}} or "
+                f"'{FROM_ANNOTATIONS}'"
+            )
         categories: Any = FROM_ANNOTATIONS
     elif isinstance(raw_categories, list):
         categories = []
@@ -273,12 +281,18 @@ def parse_recipe(data: dict, where: str = "recipe", path: str | None = None) -> 
         seen: dict[int, int] = {}
         for i, cat in enumerate(categories):
             if cat.id in seen:
-                raise RecipeError(f"{where}: categories[{i}]: id {cat.id} repeats categories[{seen[cat.id]}]; ids must be unique")
+                raise RecipeError(
+                    f"{where}: categories[{i}]: id {cat.id} repeats categories[{seen[cat.id]}]; ids must be unique"
+                )
             seen[cat.id] = i
         if not categories:
-            raise RecipeError(f"{where}: categories is empty; list the dataset's categories or write '{FROM_ANNOTATIONS}'")
+            raise RecipeError(
+                f"{where}: categories is empty; list the dataset's categories or write '{FROM_ANNOTATIONS}'"
+            )
     else:
-        raise RecipeError(f"{where}: categories: expected a list of {{id, name}} or '{FROM_ANNOTATIONS}', got {raw_categories!r}")
+        raise RecipeError(
+            f"{where}: categories: expected a list of {{id, name}} or '{FROM_ANNOTATIONS}', got {raw_categories!r}"
+        )
     data["categories"] = []
     splits = data.get("splits")
     if not isinstance(splits, dict) or not splits:
@@ -343,8 +357,17 @@ def _parse_tuning(raw: Any, where: str) -> Tuning:
     for shot, n in tuning.few_shot_copies.items():
         if isinstance(shot, str) and shot.strip().isdigit():  # keys of a JSON round trip
             shot = int(shot)
-        if isinstance(shot, bool) or not isinstance(shot, int) or isinstance(n, bool) or not isinstance(n, int) or shot < 1 or n < 1:
-            raise RecipeError(f"{where}: few_shot_copies: expected {{shots: copies}} of whole numbers >= 1, got {shot!r}: {n!r}")
+        if (
+            isinstance(shot, bool)
+            or not isinstance(shot, int)
+            or isinstance(n, bool)
+            or not isinstance(n, int)
+            or shot < 1
+            or n < 1
+        ):
+            raise RecipeError(
+                f"{where}: few_shot_copies: expected {{shots: copies}} of whole numbers >= 1, got {shot!r}: {n!r}"
+            )
         copies[shot] = n
     tuning.few_shot_copies = copies
     return tuning
@@ -353,9 +376,14 @@ def _parse_tuning(raw: Any, where: str) -> Tuning:
 def _validate(recipe: Recipe, where: str) -> None:
     ev = recipe.evaluation
     if ev.split not in recipe.splits:
-        raise RecipeError(f"{where}: evaluation.split {ev.split!r} is not in splits ({', '.join(recipe.splits)}); add it or pick one of them")
+        raise RecipeError(
+            f"{where}: evaluation.split {ev.split!r} is not in splits ({', '.join(recipe.splits)}); add it or pick "
+            "one of them"
+        )
     if ev.min_size < 1 or ev.max_size < ev.min_size:
-        raise RecipeError(f"{where}: evaluation: min_size {ev.min_size} / max_size {ev.max_size}: need 1 <= min_size <= max_size")
+        raise RecipeError(
+            f"{where}: evaluation: min_size {ev.min_size} / max_size {ev.max_size}: need 1 <= min_size <= max_size"
+        )
     if ev.detections_per_img < 1:
         raise RecipeError(f"{where}: evaluation.detections_per_img must be >= 1, got {ev.detections_per_img}")
     if ev.chunk_size is not None and ev.chunk_size < 1:
@@ -372,7 +400,9 @@ def _validate(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"{where}: tuning: split {split!r} is not in splits ({', '.join(recipe.splits)})")
         for name, mode in tuning.modes.items():
             if mode.trains not in TRAINS:
-                raise RecipeError(f"{where}: tuning.modes.{name}.trains {mode.trains!r}: choose one of {', '.join(TRAINS)}")
+                raise RecipeError(
+                    f"{where}: tuning.modes.{name}.trains {mode.trains!r}: choose one of {', '.join(TRAINS)}"
+                )
             if mode.lr <= 0 or mode.weight_decay < 0:
                 raise RecipeError(f"{where}: tuning.modes.{name}: lr must be > 0 and weight_decay >= 0")
         if tuning.batch_size < 1 or tuning.max_epochs < 1:
@@ -381,7 +411,9 @@ def _validate(recipe: Recipe, where: str) -> None:
         for split in recipe.few_shot.splits:
             pattern = getattr(recipe.few_shot, f"{split}_ann_file")
             if "{shot}" not in pattern or "{seed}" not in pattern:
-                raise RecipeError(f"{where}: few_shot.{split}_ann_file needs {{shot}} and {{seed}} in it, got {pattern!r}")
+                raise RecipeError(
+                    f"{where}: few_shot.{split}_ann_file needs {{shot}} and {{seed}} in it, got {pattern!r}"
+                )
             if split not in recipe.splits:
                 raise RecipeError(f"{where}: few_shot.{split}_ann_file: split {split!r} is not in splits")
     if recipe.prompts is not None:
@@ -413,7 +445,11 @@ def read_recipe_file(path: str | os.PathLike) -> Recipe:
 
 
 def _recipe_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.yaml") if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*.yaml")
+        if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -453,7 +489,9 @@ def find_recipe(name_or_path: str) -> Path:
         raise RecipeError(f"recipe file {text!r} not found: check the path, or give a recipe name (glip recipes list)")
     close = difflib.get_close_matches(text.lower(), list(index), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise RecipeError(f"unknown recipe {text!r}: `glip recipes list` shows the names (or pass a recipe YAML path){hint}")
+    raise RecipeError(
+        f"unknown recipe {text!r}: `glip recipes list` shows the names (or pass a recipe YAML path){hint}"
+    )
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -489,7 +527,10 @@ def resolve_prompt_file(recipe: Recipe) -> Path | None:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise RecipeError(f"{where}: prompts: file {recipe.prompts!r} not found (looked in {', '.join(str(c.parent) for c in candidates)}); fix the name or set GLIP_PROMPTS_DIR")
+    raise RecipeError(
+        f"{where}: prompts: file {recipe.prompts!r} not found (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}); fix the name or set GLIP_PROMPTS_DIR"
+    )
 
 
 def recipe_prompts(recipe: Recipe) -> dict:
@@ -529,10 +570,16 @@ def categories_not_in_recipe(recipe: Recipe, annotation_categories: Any) -> list
     if recipe.categories_from_annotations:
         return []
     ids = {c.id for c in recipe.categories}
-    return [(cid, name) for cid, name in as_categories(annotation_categories) if cid not in ids and not is_background(cid, name)]
+    return [
+        (cid, name)
+        for cid, name in as_categories(annotation_categories)
+        if cid not in ids and not is_background(cid, name)
+    ]
 
 
-def evaluation_prompt(recipe: Recipe, tokenizer, annotation_categories: Any = None, warn: bool = True) -> DetectionPrompt:
+def evaluation_prompt(
+    recipe: Recipe, tokenizer, annotation_categories: Any = None, warn: bool = True
+) -> DetectionPrompt:
     """The exact evaluation prompt(s) of a recipe: a :class:`~glip_transfer.prompts.DetectionPrompt`
     (its ``caption_or_captions`` is the caption, or the list of captions when chunked)."""
     categories = resolve_categories(recipe, annotation_categories)
@@ -589,7 +636,9 @@ def adhoc_recipe(splits: dict[str, tuple[Path, Path]], eval_split: str = "val") 
     ann, _ = next(iter(splits.values()))
     data = {
         "name": ann.stem,
-        "splits": {split: {"ann_file": str(a.resolve()), "img_dir": str(i.resolve())} for split, (a, i) in splits.items()},
+        "splits": {
+            split: {"ann_file": str(a.resolve()), "img_dir": str(i.resolve())} for split, (a, i) in splits.items()
+        },
         "categories": FROM_ANNOTATIONS,
         "evaluation": {"split": eval_split},
     }

@@ -71,7 +71,8 @@ def to_normalized_tensor(image: Image.Image, cfg: InputConfig) -> torch.Tensor:
     """
     if image.mode != "RGB":
         raise ValueError(
-            f"to_normalized_tensor: expected an RGB image, got mode {image.mode!r}; load it with glip_transfer.data.load_image"
+            f"to_normalized_tensor: expected an RGB image, got mode {image.mode!r}; load it with "
+            "glip_transfer.data.load_image"
         )
     array = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
@@ -94,7 +95,9 @@ def test_transform(pil_image: Image.Image, cfg: InputConfig) -> tuple[torch.Tens
 test_transform.__test__ = False  # not a pytest test despite the name
 
 
-def pad_batch(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def pad_batch(
+    images: Sequence[torch.Tensor], size_divisibility: int = 32
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Stack ``[3, h_i, w_i]`` images into one zero-padded batch ``[B, 3, H, W]``.
 
     ``H``/``W`` are the largest ``h_i``/``w_i`` rounded up to a multiple of ``size_divisibility``
@@ -106,7 +109,9 @@ def pad_batch(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> tu
     channels = images[0].shape[0]
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != channels:
-            raise ValueError(f"pad_batch: image {i} has shape {tuple(img.shape)}; every image must be [{channels}, h, w]")
+            raise ValueError(
+                f"pad_batch: image {i} has shape {tuple(img.shape)}; every image must be [{channels}, h, w]"
+            )
     max_h = max(int(img.shape[1]) for img in images)
     max_w = max(int(img.shape[2]) for img in images)
     if size_divisibility > 0:

@@ -43,7 +43,16 @@ def make_rectangles(
             w, h = (int(rng.integers(box_range[0], box_range[1])) for _ in range(2))
             x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
             canvas[y : y + h, x : x + w] = COLOURS[colour_of[int(c)]]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(c) + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         Image.fromarray(canvas).save(root / "images" / f"{i:04d}.png")
         images.append({"id": i + 1, "file_name": f"{i:04d}.png", "width": width, "height": height})
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(names)]

@@ -18,7 +18,9 @@ def test_round_trip_of_every_variant():
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = override_dataclass(variant_config("glip-t"), ["postprocess.nms_thresh=0.5", "head.num_convs=8", "swin.depths=[2,2,18,2]"])
+    cfg = override_dataclass(
+        variant_config("glip-t"), ["postprocess.nms_thresh=0.5", "head.num_convs=8", "swin.depths=[2,2,18,2]"]
+    )
     assert cfg.postprocess.nms_thresh == 0.5 and cfg.head.num_convs == 8 and cfg.swin.depths == (2, 2, 18, 2)
     assert parse_override("train.lr=2e-4") == (["train", "lr"], 2e-4)
     assert parse_override("a=text") == (["a"], "text")

@@ -176,12 +176,21 @@ def _mutations():
         "ann lacks id": (drop("annotations", "id"), r"annotations\[0\] lacks 'id'"),
         "category lacks name": (drop("categories", "name"), r"categories\[0\] \(id 1\) lacks 'name'"),
         "bad width": (setv("images", "width", 0), "width 0"),
-        "zero box width": (setv("annotations", "bbox", [1, 1, 0, 5], 1), r"annotation id 11 has a bbox with width or height <= 0"),
-        "negative box height": (setv("annotations", "bbox", [1, 1, 5, -2]), "annotation id 10 has a bbox with width or height"),
+        "zero box width": (
+            setv("annotations", "bbox", [1, 1, 0, 5], 1),
+            r"annotation id 11 has a bbox with width or height <= 0",
+        ),
+        "negative box height": (
+            setv("annotations", "bbox", [1, 1, 5, -2]),
+            "annotation id 10 has a bbox with width or height",
+        ),
         "malformed bbox": (setv("annotations", "bbox", [1, 2, 3]), "annotation id 10 has a malformed bbox"),
         "nan bbox": (setv("annotations", "bbox", [1, 2, 3, float("nan")]), "malformed bbox"),
         "unknown image": (setv("annotations", "image_id", 99), "annotation id 10 has an image_id not in 'images'"),
-        "unknown category": (setv("annotations", "category_id", 7, 2), "annotation id 12 has a category_id not in 'categories'"),
+        "unknown category": (
+            setv("annotations", "category_id", 7, 2),
+            "annotation id 12 has a category_id not in 'categories'",
+        ),
         "duplicate image id": (setv("images", "id", 1, 1), r"duplicate image id 1 \(images\[0\] and images\[1\]\)"),
         "duplicate ann id": (setv("annotations", "id", 10, 3), "duplicate annotation id 10"),
         "duplicate category id": (setv("categories", "id", 1, 1), "duplicate category id 1"),
@@ -294,7 +303,9 @@ def test_training_dataset_targets(tmp_path):
     oh, ow = target["resized_size"]
     expected = torch.tensor([[4.0, 8.0, 23.0, 37.0]]) * torch.tensor([ow / 32, oh / 48, ow / 32, oh / 48])
     if target["flipped"]:
-        expected = torch.stack([ow - expected[:, 2] - 1, expected[:, 1], ow - expected[:, 0] - 1, expected[:, 3]], dim=1)
+        expected = torch.stack(
+            [ow - expected[:, 2] - 1, expected[:, 1], ow - expected[:, 0] - 1, expected[:, 3]], dim=1
+        )
     assert torch.allclose(target["boxes"], expected)
     # reproducible per (seed, epoch, index), different across epochs eventually
     again = TrainingDataset(ann, tmp_path / "images", transform, seed=5)

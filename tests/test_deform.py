@@ -38,8 +38,12 @@ def _border_offsets(batch, h, w, stride, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     eps = 1e-3
-    targets_y = torch.tensor([-1.0, 0.0, h - 1.0, float(h), -1 + eps, -1 - eps, h - eps, h - 1 + eps, 2.0, -3.0], dtype=dtype)
-    targets_x = torch.tensor([-1.0, 0.0, w - 1.0, float(w), -1 + eps, -1 - eps, w - eps, w - 1 + eps, 1.0, w + 2.0], dtype=dtype)
+    targets_y = torch.tensor(
+        [-1.0, 0.0, h - 1.0, float(h), -1 + eps, -1 - eps, h - eps, h - 1 + eps, 2.0, -3.0], dtype=dtype
+    )
+    targets_x = torch.tensor(
+        [-1.0, 0.0, w - 1.0, float(w), -1 + eps, -1 - eps, w - eps, w - 1 + eps, 1.0, w + 2.0], dtype=dtype
+    )
     ty = targets_y[torch.randint(len(targets_y), (batch, 9, ho, wo), generator=g)]
     tx = targets_x[torch.randint(len(targets_x), (batch, 9, ho, wo), generator=g)]
     tap = torch.arange(9)

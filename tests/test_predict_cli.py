@@ -6,14 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from glip_transfer.checkpoint import save_model
 from glip_transfer.cli import app
-from glip_transfer.config import variant_config
-from glip_transfer.model.glip import build_glip
 
 runner = CliRunner()
 
@@ -44,14 +40,41 @@ def run(*args):
 
 
 def predict(weights, vocab_dir, *args):
-    return run("predict", *args, "--weights", weights, "--tokenizer", vocab_dir, "--device", "cpu",
-               "--min-size", "128", "--max-size", "200")  # fmt: skip
+    return run(
+        "predict",
+        *args,
+        "--weights",
+        weights,
+        "--tokenizer",
+        vocab_dir,
+        "--device",
+        "cpu",
+        "--min-size",
+        "128",
+        "--max-size",
+        "200",
+    )
 
 
 def test_predict_classes_writes_json_and_pngs(weights, images, vocab_dir, tmp_path):
     out = tmp_path / "vis"
-    result = predict(weights, vocab_dir, images, "--classes", "cat, dog ,red car", "--threshold", "0",
-                     "--out", out, "--json", tmp_path / "d.json", "--batch-size", "2", "--max-detections", "7")  # fmt: skip
+    result = predict(
+        weights,
+        vocab_dir,
+        images,
+        "--classes",
+        "cat, dog ,red car",
+        "--threshold",
+        "0",
+        "--out",
+        out,
+        "--json",
+        tmp_path / "d.json",
+        "--batch-size",
+        "2",
+        "--max-detections",
+        "7",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "d.json").read_text())
     assert [r["image"].split("/")[-1] for r in data] == ["deep16.png", "gray.png", "rgb.jpg", "rgba.png", "rotated.jpg"]
@@ -70,8 +93,21 @@ def test_predict_classes_writes_json_and_pngs(weights, images, vocab_dir, tmp_pa
 
 
 def test_predict_free_text_with_phrases(weights, images, vocab_dir, tmp_path):
-    result = predict(weights, vocab_dir, images / "rgb.jpg", "--prompt", "a man riding a red bicycle",
-                     "--phrase", "man", "--phrase", "red bicycle", "--threshold", "0", "--json", tmp_path / "d.json")  # fmt: skip
+    result = predict(
+        weights,
+        vocab_dir,
+        images / "rgb.jpg",
+        "--prompt",
+        "a man riding a red bicycle",
+        "--phrase",
+        "man",
+        "--phrase",
+        "red bicycle",
+        "--threshold",
+        "0",
+        "--json",
+        tmp_path / "d.json",
+    )
     assert result.exit_code == 0, result.output
     labels = {d["label"] for d in json.loads((tmp_path / "d.json").read_text())[0]["detections"]}
     assert labels <= {"man", "red bicycle"} and labels
@@ -81,7 +117,10 @@ def test_predict_same_result_from_official_pth(weights, images, vocab_dir, tmp_p
     outs = []
     for w in (weights, weights.with_suffix(".pth")):
         path = tmp_path / f"{w.suffix[1:]}.json"
-        assert predict(w, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--threshold", "0", "--json", path).exit_code == 0
+        assert (
+            predict(w, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--threshold", "0", "--json", path).exit_code
+            == 0
+        )
         outs.append(json.loads(path.read_text())[0]["detections"])
     assert outs[0] == outs[1]
 
@@ -105,8 +144,17 @@ def test_predict_bad_prompt_arguments(weights, images, vocab_dir, args, message)
 
 def test_name_that_tokenizes_to_nothing_is_reported(weights, images, vocab_dir, tmp_path):
     # U+0301 (a lone combining accent) is stripped by BERT's normaliser: no token at all
-    result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat,\u0301", "--threshold", "0",
-                     "--json", tmp_path / "d.json")  # fmt: skip
+    result = predict(
+        weights,
+        vocab_dir,
+        images / "rgb.jpg",
+        "--classes",
+        "cat,\u0301",
+        "--threshold",
+        "0",
+        "--json",
+        tmp_path / "d.json",
+    )
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "cannot be detected" in " ".join(result.output.split())
     labels = {d["label"] for d in json.loads((tmp_path / "d.json").read_text())[0]["detections"]}
@@ -134,7 +182,9 @@ def test_bad_checkpoints(weights, images, vocab_dir, tmp_path):
     for path, message in ((truncated, "truncated or corrupt"), (tmp_path / "none.pth", "file not found")):
         result = predict(path, vocab_dir, images / "rgb.jpg", "--classes", "cat")
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
-    result = predict(weights.with_suffix(".pth"), vocab_dir, images / "rgb.jpg", "--classes", "cat", "--variant", "glip-t")
+    result = predict(
+        weights.with_suffix(".pth"), vocab_dir, images / "rgb.jpg", "--classes", "cat", "--variant", "glip-t"
+    )
     assert result.exit_code == 2
     assert "looks like test-tiny" in " ".join(result.output.split())
 

@@ -22,8 +22,16 @@ from glip_transfer.training.engine import Trainer, TrainModule
 from glip_transfer.training.modes import MODES, apply_mode, set_train_modes, train_config_for
 from synthetic import make_rectangles
 
-LINEAR_PROBE = ("bbox_pred", "cls_logits", "centerness", "cosine_scale", "dot_product_projection_text", "head.log_scale",
-                "head.bias_lang", "head.bias0")  # fmt: skip
+LINEAR_PROBE = (
+    "bbox_pred",
+    "cls_logits",
+    "centerness",
+    "cosine_scale",
+    "dot_product_projection_text",
+    "head.log_scale",
+    "head.bias_lang",
+    "head.bias0",
+)
 """The official linear_prob name patterns (``tools/finetune.py``), matched in ``model.rpn.named_parameters()`` names."""
 
 
@@ -43,15 +51,22 @@ def runs_with_autograd(model) -> dict[str, bool]:
     """Which parts a training forward records (the model's rule: frozen parts fed by inputs that
     need no gradient run under no_grad)."""
     text_grad = needs_grad(model.language_backbone) or model.prompt_offset is not None
-    return {"backbone": needs_grad(model.backbone), "text": text_grad,
-            "tower": text_grad or needs_grad(model.backbone) or needs_grad(model.rpn.head.dyhead_tower)}  # fmt: skip
+    return {
+        "backbone": needs_grad(model.backbone),
+        "text": text_grad,
+        "tower": text_grad or needs_grad(model.backbone) or needs_grad(model.rpn.head.dyhead_tower),
+    }
 
 
 def test_full_mode_freezes_stem_first_stage_and_cls_logits():
     model = tiny()
     plan = apply_mode(model, "full", TrainConfig())
     names = {n for n, _ in model.named_parameters()}
-    frozen = {n for n in names if n.startswith(("backbone.body.patch_embed.", "backbone.body.layers.0.", "rpn.head.cls_logits."))}
+    frozen = {
+        n
+        for n in names
+        if n.startswith(("backbone.body.patch_embed.", "backbone.body.layers.0.", "rpn.head.cls_logits."))
+    }
     assert frozen and trainable(model) == names - frozen
     assert plan.definition is MODES["full"] and model.prompt_offset is None
     assert runs_with_autograd(model) == {"backbone": True, "text": True, "tower": True}
@@ -85,11 +100,27 @@ def test_prompt_mode_trains_only_the_offset():
 def test_linear_mode_is_the_official_linear_prob_set():
     model = tiny()
     plan = apply_mode(model, "linear", TrainConfig())
-    expected = {f"rpn.head.{n}" for n in ("bbox_pred.weight", "bbox_pred.bias", "centerness.weight", "centerness.bias",
-                "dot_product_projection_text.weight", "dot_product_projection_text.bias", "log_scale", "bias_lang", "bias0")}  # fmt: skip
+    expected = {
+        f"rpn.head.{n}"
+        for n in (
+            "bbox_pred.weight",
+            "bbox_pred.bias",
+            "centerness.weight",
+            "centerness.bias",
+            "dot_product_projection_text.weight",
+            "dot_product_projection_text.bias",
+            "log_scale",
+            "bias_lang",
+            "bias0",
+        )
+    }
     assert trainable(model) == expected
     # the official rule, applied literally to rpn.named_parameters(), minus the dot-product rule's cls_logits
-    official = {"rpn." + k for k, _ in model.rpn.named_parameters() if any(p in k for p in LINEAR_PROBE) and "cls_logits" not in k}
+    official = {
+        "rpn." + k
+        for k, _ in model.rpn.named_parameters()
+        if any(p in k for p in LINEAR_PROBE) and "cls_logits" not in k
+    }
     assert official == expected
     assert runs_with_autograd(model) == {"backbone": False, "text": False, "tower": False}
     set_train_modes(model, plan, True)
@@ -108,10 +139,19 @@ def test_text_mode_trains_the_language_backbone_only():
 @pytest.mark.parametrize(
     "targets, pattern",
     [
-        (("fusion",), r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.lora_[AB]\.default\.weight"),
-        (("bert",), r"language_backbone\.body\.model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight"),
+        (
+            ("fusion",),
+            r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.lora_[AB]\.default\.weight",
+        ),
+        (
+            ("bert",),
+            r"language_backbone\.body\.model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight",
+        ),
         (("swin",), r"backbone\.body\.layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)\.lora_[AB]\.default\.weight"),
-        (("head_bert",), r"rpn\.head\.dyhead_tower\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight"),
+        (
+            ("head_bert",),
+            r"rpn\.head\.dyhead_tower\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight",
+        ),
     ],
 )
 def test_lora_mode_trains_only_adapters_on_the_chosen_modules(targets, pattern):
@@ -122,7 +162,9 @@ def test_lora_mode_trains_only_adapters_on_the_chosen_modules(targets, pattern):
     assert got and all(re.fullmatch(pattern, n) for n in got), sorted(got)[:4]
     a = [p for n, p in model.named_parameters() if n.endswith("lora_A.default.weight")]
     assert all(p.shape[0] == 4 for p in a)
-    assert all(not p.any() for n, p in model.named_parameters() if n.endswith("lora_B.default.weight"))  # starts as the base
+    assert all(
+        not p.any() for n, p in model.named_parameters() if n.endswith("lora_B.default.weight")
+    )  # starts as the base
     assert plan.lora["r"] == 4
 
 
@@ -170,12 +212,17 @@ def test_param_groups_follow_the_official_solver():
     assert settings("rpn.tunable_linear.weight") == (1e-4, 0.05)
     cfg.norm_weight_decay_factor = 0.0
     assert settings("backbone.body.norm1.weight") == (1e-4, 0.0)
-    assert settings("rpn.head.dyhead_tower.2.DyConv.0.bn.weight") == (1e-4, 0.05)  # "bn": the official name test skips it
+    assert settings("rpn.head.dyhead_tower.2.DyConv.0.bn.weight") == (
+        1e-4,
+        0.05,
+    )  # "bn": the official name test skips it
 
 
 def _opt(lr=1.0, groups=1):
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(groups)]
-    return torch.optim.SGD([{"params": [p], "lr": lr * (i + 1), "initial_lr": lr * (i + 1)} for i, p in enumerate(params)], lr=lr)
+    return torch.optim.SGD(
+        [{"params": [p], "lr": lr * (i + 1), "initial_lr": lr * (i + 1)} for i, p in enumerate(params)], lr=lr
+    )
 
 
 def test_warmup_multistep_matches_the_official_formula():
@@ -219,7 +266,13 @@ def test_recipe_settings_per_mode_and_shots():
     assert (full.lr, full.language_lr, full.weight_decay, full.freeze_backbone_at) == (1e-4, 1e-5, 0.05, 2)
     assert (full.copies, full.lr_patience, full.early_stop_patience, full.epochs, full.batch_size) == (8, 3, 8, 200, 4)
     prompt = train_config_for(rec, "prompt", shots=0)
-    assert (prompt.lr, prompt.weight_decay, prompt.copies, prompt.lr_patience, prompt.early_stop_patience) == (0.05, 0.25, 1, 2, 4)
+    assert (prompt.lr, prompt.weight_decay, prompt.copies, prompt.lr_patience, prompt.early_stop_patience) == (
+        0.05,
+        0.25,
+        1,
+        2,
+        4,
+    )
     assert train_config_for(rec, "linear").lr == 1e-4
     assert train_config_for(rec, "lora").lr > 0 and train_config_for(rec, "text").language_lr is None
     with pytest.raises(ConfigError):
@@ -255,7 +308,9 @@ def test_few_shot_subset_is_the_official_greedy_rule(tmp_path, shots, seed):
     coco = load_coco(ann)
     got = few_shot_image_ids(coco, shots, seed)
     assert got == _official_few_shot(coco, shots, seed)
-    per_cat = {c: sum(any(a["category_id"] == c for a in coco.annotations_by_image[i]) for i in got) for c in coco.categories}
+    per_cat = {
+        c: sum(any(a["category_id"] == c for a in coco.annotations_by_image[i]) for i in got) for c in coco.categories
+    }
     assert all(v >= shots for v in per_cat.values())
     assert few_shot_image_ids(coco, shots, seed) == got  # deterministic
 
@@ -284,7 +339,13 @@ def test_detection_grounding_targets_use_the_prompt_rows(rect_data, tokenizer):
     coco = load_coco(ann)
     prompt = _prompt(tokenizer, coco)
     assert prompt.caption == "red. green. blue" and prompt.length == 7
-    ds = DetectionGroundingDataset(coco, images, TrainTransform(variant_config("test-tiny").input, min_sizes=(64, 96, 128), max_size=200), prompt, copies=2)
+    ds = DetectionGroundingDataset(
+        coco,
+        images,
+        TrainTransform(variant_config("test-tiny").input, min_sizes=(64, 96, 128), max_size=200),
+        prompt,
+        copies=2,
+    )
     assert len(ds) == 12 and ds.num_images == 6
     image, target = ds[0]
     cats = target["category_ids"]
@@ -292,6 +353,7 @@ def test_detection_grounding_targets_use_the_prompt_rows(rect_data, tokenizer):
     row_of = {1: 1, 2: 3, 3: 5}  # token positions of red / green / blue
     for c, row in zip(cats, target["positive_map"]):
         assert torch.nonzero(row).flatten().tolist() == [row_of[c]]
+
     # each copy of an image draws its own augmentation, and so does each epoch
     def draws():
         return [(tuple(ds[i][0].shape), bool(ds[i][1]["flipped"])) for i in range(12)]
@@ -309,8 +371,14 @@ def test_pretrain_caption_keeps_positives_and_budget(rect_data, tokenizer):
     from glip_transfer.transforms import TrainTransform
 
     ann, images = rect_data
-    ds = DetectionPretrainDataset(load_coco(ann), images, TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)), tokenizer,
-                                  negatives=2, max_len=12)  # fmt: skip
+    ds = DetectionPretrainDataset(
+        load_coco(ann),
+        images,
+        TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)),
+        tokenizer,
+        negatives=2,
+        max_len=12,
+    )
     for i in range(len(ds)):
         _, t = ds[i]
         ids = t["input_ids"].tolist()
@@ -339,7 +407,9 @@ def test_caption_grounding_dataset_maps_char_spans(tmp_path, tokenizer):
     ann.write_text(json.dumps(data))
     coco = load_coco(ann)
     assert is_grounding_file(coco)
-    ds = CaptionGroundingDataset(coco, images, TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)), tokenizer)
+    ds = CaptionGroundingDataset(
+        coco, images, TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)), tokenizer
+    )
     _, t = ds[0]
     ids = t["input_ids"].tolist()
     for row in t["positive_map"]:
@@ -358,7 +428,9 @@ def test_epoch_batches_split_over_processes_as_one_global_batch():
     assert [ranks[0][i] + ranks[1][i] for i in range(2)] == single
     assert list(EpochBatchSampler(10, 4, seed=3, epoch=1, start=1)) == single[1:]
     assert list(EpochBatchSampler(10, 4, seed=3, epoch=2)) != single
-    assert list(EpochBatchSampler(3, 4, seed=0, epoch=0)) and len(list(EpochBatchSampler(3, 4, seed=0, epoch=0))[0]) == 3
+    assert (
+        list(EpochBatchSampler(3, 4, seed=0, epoch=0)) and len(list(EpochBatchSampler(3, 4, seed=0, epoch=0))[0]) == 3
+    )
 
 
 # --------------------------------------------------------------------------- the training forward
@@ -369,7 +441,10 @@ def _batch(b=2, size=96, t=7):
     images = torch.randn(b, 3, size, size, generator=g)
     pmap = torch.zeros(2, 256)
     pmap[0, 1] = pmap[1, 3] = 1
-    targets = [GroundingTarget(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]), pmap.clone()) for _ in range(b)]
+    targets = [
+        GroundingTarget(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]), pmap.clone())
+        for _ in range(b)
+    ]
     ids = torch.zeros(1, 256, dtype=torch.int64)
     ids[0, :t] = torch.tensor([101, 2417, 1012, 2665, 1012, 2630, 102])[:t]
     mask = torch.zeros(1, 256, dtype=torch.int64)
@@ -399,7 +474,11 @@ def test_linear_mode_runs_the_tower_without_autograd_and_gives_the_same_loss():
     model.eval()  # deterministic (no dropout) for the comparison
     images, targets, ids, mask = _batch()
     grad_mode = {}
-    for name, part in (("backbone", model.backbone), ("tower", model.rpn.head.dyhead_tower[-1]), ("predictors", model.rpn.head.bbox_pred)):
+    for name, part in (
+        ("backbone", model.backbone),
+        ("tower", model.rpn.head.dyhead_tower[-1]),
+        ("predictors", model.rpn.head.bbox_pred),
+    ):
         part.register_forward_hook(lambda *_, name=name: grad_mode.__setitem__(name, torch.is_grad_enabled()))
     losses = module(images, targets, ids, mask)
     assert grad_mode == {"backbone": False, "tower": False, "predictors": True}
@@ -408,7 +487,9 @@ def test_linear_mode_runs_the_tower_without_autograd_and_gives_the_same_loss():
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == trainable(model)
     outputs, anchors = model(images, model.encode_text(ids[:, :7], mask[:, :7]))
-    ref = module.criterion(outputs, anchors, [GroundingTarget(t.boxes, t.positive_map[:, :7]) for t in targets], mask[:, :7].expand(2, -1))
+    ref = module.criterion(
+        outputs, anchors, [GroundingTarget(t.boxes, t.positive_map[:, :7]) for t in targets], mask[:, :7].expand(2, -1)
+    )
     assert loss.item() == pytest.approx(sum(ref.values()).item(), rel=1e-5)
 
 
@@ -423,7 +504,15 @@ def test_frozen_text_is_encoded_once(monkeypatch, tmp_path):
     monkeypatch.setattr(model, "encode_text", lambda *a: calls.append(1) or original(*a))
     images, targets, ids, mask = _batch()
     prompt = FixedPrompt("red. green. blue", ids, mask, targets[0].positive_map, [1, 2])
-    trainer = Trainer(module, TrainConfig(batch_size=2, amp=False), [0, 1], device=torch.device("cpu"), out_dir=tmp_path, prompt=prompt, progress=False)
+    trainer = Trainer(
+        module,
+        TrainConfig(batch_size=2, amp=False),
+        [0, 1],
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        prompt=prompt,
+        progress=False,
+    )
     set_train_modes(model, plan, True)  # as Trainer.fit does: the frozen BERT in eval mode
     for _ in range(3):
         out = trainer.train_step(Batch(images, [(96, 96)] * 2, targets, [1, 2]))
@@ -440,7 +529,15 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     module = TrainModule(model, plan)
     images, targets, ids, mask = _batch()
     prompt = FixedPrompt("x", ids, mask, targets[0].positive_map, [1, 2])
-    trainer = Trainer(module, TrainConfig(batch_size=2, amp=False), [0, 1], device=torch.device("cpu"), out_dir=tmp_path, prompt=prompt, progress=False)
+    trainer = Trainer(
+        module,
+        TrainConfig(batch_size=2, amp=False),
+        [0, 1],
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        prompt=prompt,
+        progress=False,
+    )
     before = {n: p.detach().clone() for n, p in module.named_trainable()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -493,12 +590,21 @@ def test_prompt_artifact_for_glip_t_sizes_is_under_one_megabyte(tmp_path):
 
     lang = variant_config("glip-t").language
     offset = torch.randn(lang.max_query_len, lang.hidden_size)
-    path = save_prompt_artifact(tmp_path / "prompt.safetensors", offset, caption="fish. jellyfish. penguin", recipe="odinw13/aquarium",
-                                base="ab" * 32)  # fmt: skip
+    path = save_prompt_artifact(
+        tmp_path / "prompt.safetensors",
+        offset,
+        caption="fish. jellyfish. penguin",
+        recipe="odinw13/aquarium",
+        base="ab" * 32,
+    )
     assert path.stat().st_size < 1_000_000 and path.stat().st_size >= 256 * 768 * 4
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["caption"] == "fish. jellyfish. penguin" and meta["recipe"] == "odinw13/aquarium" and meta["base_sha256"] == "ab" * 32
+    assert (
+        meta["caption"] == "fish. jellyfish. penguin"
+        and meta["recipe"] == "odinw13/aquarium"
+        and meta["base_sha256"] == "ab" * 32
+    )
 
 
 def test_load_adapter_checks_base_and_caption(tmp_path):
@@ -534,7 +640,9 @@ def test_load_adapter_checks_base_and_caption(tmp_path):
         apply_adapter(tiny(seed=1), path, captions=["red. blue"])
     # changed-weights artifact: applied in place
     w = {"rpn.head.bias0": torch.tensor([1.5])}
-    wpath = save_weights_artifact(tmp_path / "w" / "weights.safetensors", w, mode="linear", caption="red. blue", recipe=None, base=base)
+    wpath = save_weights_artifact(
+        tmp_path / "w" / "weights.safetensors", w, mode="linear", caption="red. blue", recipe=None, base=base
+    )
     m = tiny()
     with pytest.warns(UserWarning, match="used with"):
         assert load_adapter(m, wpath, base_hash=base, caption="other") is ArtifactKind.WEIGHTS
@@ -583,7 +691,9 @@ def count_forward_calls(modules) -> list[int]:
 
 
 @pytest.mark.parametrize("setting, calls", [([], 1), (["model.head.gradient_checkpointing=true"], 2)])
-def test_gradient_checkpointing_setting_recomputes_head_and_swin_in_backward(rect_data, vocab_dir, tmp_path, setting, calls):
+def test_gradient_checkpointing_setting_recomputes_head_and_swin_in_backward(
+    rect_data, vocab_dir, tmp_path, setting, calls
+):
     """``--set model.head.gradient_checkpointing=true`` reaches the model a run trains: every
     fusion layer and DyConv of the head and every Swin block of the stages that train runs a
     second time, in the backward pass."""
@@ -594,16 +704,32 @@ def test_gradient_checkpointing_setting_recomputes_head_and_swin_in_backward(rec
     from glip_transfer.training.run import RunSpec, prepare
 
     ann, images = rect_data
-    spec = RunSpec(mode="full", ann=ann, images=images, variant="test-tiny", tokenizer=str(vocab_dir), batch_size=2,
-                   sets=["train.min_sizes=[96]", "train.max_size=128", "train.dropout=0.0", *setting])  # fmt: skip
+    spec = RunSpec(
+        mode="full",
+        ann=ann,
+        images=images,
+        variant="test-tiny",
+        tokenizer=str(vocab_dir),
+        batch_size=2,
+        sets=["train.min_sizes=[96]", "train.max_size=128", "train.dropout=0.0", *setting],
+    )
     prep = prepare(spec)
     model = prep.model
     assert model.rpn.head.grad_checkpointing == (calls == 2)
     head_layers = [m for m in model.rpn.head.dyhead_tower if isinstance(m, (VLFuse, DyConv))]
-    blocks = [m for layer in model.backbone.body.layers[1:] for m in layer.modules() if isinstance(m, SwinTransformerBlock)]
+    blocks = [
+        m for layer in model.backbone.body.layers[1:] for m in layer.modules() if isinstance(m, SwinTransformerBlock)
+    ]
     counts = count_forward_calls(head_layers + blocks)  # stage 1 is frozen (train.freeze_backbone_at=2): no backward
-    trainer = Trainer(prep.module, prep.cfg, prep.dataset, device=torch.device("cpu"), out_dir=tmp_path, prompt=prep.prompt,
-                      progress=False)  # fmt: skip
+    trainer = Trainer(
+        prep.module,
+        prep.cfg,
+        prep.dataset,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        prompt=prep.prompt,
+        progress=False,
+    )
     set_train_modes(model, prep.plan, True)
     out = trainer.train_step(Collate()([prep.dataset[0], prep.dataset[1]]))
     assert math.isfinite(out["loss"]) and not out["skipped"]

@@ -27,9 +27,22 @@ SIZES = ["train.min_sizes=[128]", "train.max_size=200", "evaluation.min_size=128
 
 
 def train(ann, images, vocab_dir, out, mode, epochs, *sets, weights=None):
-    spec = RunSpec(mode=mode, ann=ann, images=images, val_ann=ann, val_images=images, variant="test-tiny", weights=weights, out=out,
-                   epochs=epochs, batch_size=4, force=True, tokenizer=str(vocab_dir), progress=False,
-                   sets=[*SIZES, "train.early_stop_patience=0", "train.eval_before=true", *sets])  # fmt: skip
+    spec = RunSpec(
+        mode=mode,
+        ann=ann,
+        images=images,
+        val_ann=ann,
+        val_images=images,
+        variant="test-tiny",
+        weights=weights,
+        out=out,
+        epochs=epochs,
+        batch_size=4,
+        force=True,
+        tokenizer=str(vocab_dir),
+        progress=False,
+        sets=[*SIZES, "train.early_stop_patience=0", "train.eval_before=true", *sets],
+    )
     prep = prepare(spec)
     summary = train_run(prep)
     history = [r for r in _log(out) if r.get("type") == "eval"]
@@ -44,7 +57,9 @@ def _log(out):
 def base(tmp_path_factory, vocab_dir):
     root = tmp_path_factory.mktemp("learn")
     ann, images = make_rectangles(root / "base", n_images=12, names=("red", "green", "blue"))
-    prep, summary, history = train(ann, images, vocab_dir, root / "run_base", "full", 32, "train.lr=1e-3", "train.eval_every_epochs=8")
+    prep, summary, history = train(
+        ann, images, vocab_dir, root / "run_base", "full", 32, "train.lr=1e-3", "train.eval_every_epochs=8"
+    )
     path = root / "base.safetensors"
     save_model(prep.model, path)  # the best weights (loaded after training)
     return {"weights": path, "summary": summary, "history": history, "root": root}
@@ -52,7 +67,9 @@ def base(tmp_path_factory, vocab_dir):
 
 @pytest.fixture(scope="module")
 def shifted(base):
-    return make_rectangles(base["root"] / "shifted", n_images=12, names=("sky", "apple", "leaf"), colour_of=(2, 0, 1), seed=1)
+    return make_rectangles(
+        base["root"] / "shifted", n_images=12, names=("sky", "apple", "leaf"), colour_of=(2, 0, 1), seed=1
+    )
 
 
 def test_full_learns_from_scratch(base):
@@ -73,7 +90,9 @@ def test_full_learns_from_scratch(base):
 def test_mode_transfers_to_a_shifted_task(base, shifted, vocab_dir, mode, epochs, sets):
     ann, images = shifted
     out = base["root"] / f"run_{mode}"
-    prep, summary, history = train(ann, images, vocab_dir, out, mode, epochs, *sets, "train.eval_every_epochs=5", weights=base["weights"])
+    prep, summary, history = train(
+        ann, images, vocab_dir, out, mode, epochs, *sets, "train.eval_every_epochs=5", weights=base["weights"]
+    )
     start = history[0]
     assert start.get("start")
     best_ap = summary["best_val_AP"]
@@ -84,6 +103,8 @@ def test_mode_transfers_to_a_shifted_task(base, shifted, vocab_dir, mode, epochs
     if mode == "prompt":
         # the saved offset on the untouched base model gives the recorded val AP
         model, _ = load_model(base["weights"], overrides=["input.min_size=128", "input.max_size=160"])
-        model = apply_adapter(model, out / "prompt.safetensors", weights=base["weights"], captions=prep.encoded.captions)
+        model = apply_adapter(
+            model, out / "prompt.safetensors", weights=base["weights"], captions=prep.encoded.captions
+        )
         _, metrics = evaluate(model, prep.val, prep.encoded, batch_size=4, device=torch.device("cpu"))
         assert metrics["AP"] == pytest.approx(best_ap, abs=1e-9)

@@ -21,8 +21,15 @@ from glip_transfer.training.optim import param_groups
 TABLE = json.loads((Path(__file__).parent / "data" / "param_groups.json").read_text())
 
 # every factor away from 1 and every rule switched on (the same values as make_param_groups.py)
-STRESS = dict(lr=1e-3, language_lr=2e-5, weight_decay=0.05, bias_lr_factor=3.0, bias_weight_decay=0.01,
-              norm_weight_decay_factor=0.5, backbone_lr_factor=0.1)  # fmt: skip
+STRESS = dict(
+    lr=1e-3,
+    language_lr=2e-5,
+    weight_decay=0.05,
+    bias_lr_factor=3.0,
+    bias_weight_decay=0.01,
+    norm_weight_decay_factor=0.5,
+    backbone_lr_factor=0.1,
+)
 ALL_LORA = LoraSettings(targets=("fusion", "head_bert", "bert", "swin", "predictors"))
 
 

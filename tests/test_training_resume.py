@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
 from glip_transfer.training.run import RunSpec, prepare, train_run
@@ -18,17 +17,48 @@ from synthetic import make_rectangles
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_rectangles(tmp_path_factory.mktemp("data"), n_images=6, names=("red", "green", "blue"), size=(128, 96), box_range=(24, 44))
+    return make_rectangles(
+        tmp_path_factory.mktemp("data"), n_images=6, names=("red", "green", "blue"), size=(128, 96), box_range=(24, 44)
+    )
 
 
-def run(data, vocab_dir, out: Path, mode: str, *sets: str, resume: bool = False, force: bool = True, stop_after_steps: int = 0) -> dict:
+def run(
+    data,
+    vocab_dir,
+    out: Path,
+    mode: str,
+    *sets: str,
+    resume: bool = False,
+    force: bool = True,
+    stop_after_steps: int = 0,
+) -> dict:
     ann, images = data
     spec = RunSpec(
-        mode=mode, ann=ann, images=images, val_ann=ann, val_images=images, variant="test-tiny", out=out, epochs=3, batch_size=2,
-        force=force, resume=resume, tokenizer=str(vocab_dir), progress=False,
-        sets=["train.min_sizes=[64,96]", "train.max_size=160", "evaluation.min_size=96", "evaluation.max_size=128", "train.lr=2e-3",
-              "train.ema=0.9", "train.early_stop_patience=0", "train.checkpoint_every_steps=2", *sets],
-    )  # fmt: skip
+        mode=mode,
+        ann=ann,
+        images=images,
+        val_ann=ann,
+        val_images=images,
+        variant="test-tiny",
+        out=out,
+        epochs=3,
+        batch_size=2,
+        force=force,
+        resume=resume,
+        tokenizer=str(vocab_dir),
+        progress=False,
+        sets=[
+            "train.min_sizes=[64,96]",
+            "train.max_size=160",
+            "evaluation.min_size=96",
+            "evaluation.max_size=128",
+            "train.lr=2e-3",
+            "train.ema=0.9",
+            "train.early_stop_patience=0",
+            "train.checkpoint_every_steps=2",
+            *sets,
+        ],
+    )
     return train_run(prepare(spec), stop_after_steps=stop_after_steps)
 
 
@@ -46,7 +76,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     la = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
     drop = ("time",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in la] == [{k: v for k, v in r.items() if k not in drop} for r in lb]
+    assert [{k: v for k, v in r.items() if k not in drop} for r in la] == [
+        {k: v for k, v in r.items() if k not in drop} for r in lb
+    ]
     ra, rb = json.loads((a / "result.json").read_text()), json.loads((b / "result.json").read_text())
     assert ra["best_val_AP"] == rb["best_val_AP"] and ra["steps"] == rb["steps"] == 9
 

@@ -6,16 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
 from glip_transfer import inference
-from glip_transfer.checkpoint import save_model
 from glip_transfer.cli import app
-from glip_transfer.config import variant_config
-from glip_transfer.model.glip import build_glip
 
 runner = CliRunner()
 CATEGORIES = [{"id": 3, "name": "red_square"}, {"id": 7, "name": "blue circle (round)"}, {"id": 9, "name": "cat"}]
@@ -33,7 +29,9 @@ def make_dataset(root, n_images=5):
         image = Image.fromarray(canvas)
         image.save(root / "images" / f"{i}.png")
         images.append({"id": 100 + i, "file_name": f"{i}.png", "width": 128, "height": 96})
-        anns.append({"id": 1000 + i, "image_id": 100 + i, "category_id": 3, "bbox": [x, y, 30, 30], "area": 900, "iscrowd": 0})
+        anns.append(
+            {"id": 1000 + i, "image_id": 100 + i, "category_id": 3, "bbox": [x, y, 30, 30], "area": 900, "iscrowd": 0}
+        )
     ann = {"images": images, "annotations": anns, "categories": CATEGORIES}
     (root / "ann.json").write_text(json.dumps(ann))
     return root / "ann.json", root / "images"
@@ -52,8 +50,21 @@ def dataset(tmp_path):
 def zeroshot(weights, vocab_dir, *args):
     return runner.invoke(
         app,
-        ["zeroshot", "eval", *map(str, args), "--weights", str(weights), "--tokenizer", str(vocab_dir), "--device", "cpu",
-         "--set", "evaluation.min_size=96", "--set", "evaluation.max_size=128"],  # fmt: skip
+        [
+            "zeroshot",
+            "eval",
+            *map(str, args),
+            "--weights",
+            str(weights),
+            "--tokenizer",
+            str(vocab_dir),
+            "--device",
+            "cpu",
+            "--set",
+            "evaluation.min_size=96",
+            "--set",
+            "evaluation.max_size=128",
+        ],
         catch_exceptions=False,
     )
 
@@ -61,8 +72,20 @@ def zeroshot(weights, vocab_dir, *args):
 def test_eval_writes_every_file(weights, dataset, vocab_dir, tmp_path):
     ann, images = dataset
     out = tmp_path / "out"
-    result = zeroshot(weights, vocab_dir, "--ann", ann, "--images", images, "--out", out, "--batch-size", "2",
-                      "--export-odinw", tmp_path / "odinw.json")  # fmt: skip
+    result = zeroshot(
+        weights,
+        vocab_dir,
+        "--ann",
+        ann,
+        "--images",
+        images,
+        "--out",
+        out,
+        "--batch-size",
+        "2",
+        "--export-odinw",
+        tmp_path / "odinw.json",
+    )
     assert result.exit_code == 0, result.output
     for name in ("bbox.json", "metrics.json", "per_category.csv", "report.md"):
         assert (out / name).exists(), name
@@ -118,7 +141,11 @@ def test_recipe_with_data_root(weights, dataset, vocab_dir, tmp_path):
     recipe = {
         "name": "toy",
         "splits": {"val": {"ann_file": "data/ann.json", "img_dir": "data/images"}},
-        "categories": [{"id": 3, "name": "red_square"}, {"id": 7, "name": "blue circle (round)"}, {"id": 9, "name": "cat"}],
+        "categories": [
+            {"id": 3, "name": "red_square"},
+            {"id": 7, "name": "blue circle (round)"},
+            {"id": 9, "name": "cat"},
+        ],
         "evaluation": {"detections_per_img": 5},
     }
     path = tmp_path / "toy.yaml"
@@ -167,7 +194,9 @@ def test_malformed_annotations_name_the_file(weights, dataset, vocab_dir, tmp_pa
 def test_empty_dataset(weights, vocab_dir, tmp_path):
     (tmp_path / "img").mkdir()
     (tmp_path / "a.json").write_text(json.dumps({"images": [], "annotations": [], "categories": CATEGORIES}))
-    result = zeroshot(weights, vocab_dir, "--ann", tmp_path / "a.json", "--images", tmp_path / "img", "--out", tmp_path / "o")
+    result = zeroshot(
+        weights, vocab_dir, "--ann", tmp_path / "a.json", "--images", tmp_path / "img", "--out", tmp_path / "o"
+    )
     assert result.exit_code == 2 and "a.json" in result.output
 
 

@@ -59,8 +59,9 @@ def predict_command(
     variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l (detected when omitted)."),
     classes: str = typer.Option(None, "--classes", "-c", help='Category names, comma separated: "person,dog".'),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Free text; see --phrase."),
-    phrase: list[str] = typer.Option(None, "--phrase", help="A phrase of --prompt to detect (repeatable); "
-                                     "default: the prompt split at periods."),  # fmt: skip
+    phrase: list[str] = typer.Option(
+        None, "--phrase", help="A phrase of --prompt to detect (repeatable); default: the prompt split at periods."
+    ),
     threshold: float = typer.Option(0.5, "--threshold", "-t", help="Keep detections scoring at least this."),
     min_size: int = typer.Option(800, "--min-size", help="Resize the short side to this..."),
     max_size: int = typer.Option(1333, "--max-size", help="...unless the long side would exceed this."),
@@ -79,7 +80,7 @@ def predict_command(
     from ..training.artifacts import apply_adapter
 
     if (classes is None) == (prompt is None):
-        fail("give exactly one of --classes \"a,b,c\" or --prompt \"free text\"")
+        fail('give exactly one of --classes "a,b,c" or --prompt "free text"')
     if phrase and prompt is None:
         fail("--phrase needs --prompt")
     if out is None and json_path is None:
@@ -93,7 +94,7 @@ def predict_command(
     if classes is not None:
         class_names = [name.strip() for name in classes.split(",") if name.strip()]
         if not class_names:
-            fail(f"--classes {classes!r} names no category: give names separated by commas, e.g. \"person,dog\"")
+            fail(f'--classes {classes!r} names no category: give names separated by commas, e.g. "person,dog"')
         detection_prompt = build_detection_prompt(tok, list(enumerate(class_names, start=1)), max_len=max_len)
         for notice in detection_prompt.notices:
             err_console.print(f"[yellow]note:[/] {notice}")
@@ -136,7 +137,12 @@ def predict_command(
                         for box, score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist())
                         if score >= threshold
                     ]
-                    record = {"image": str(paths[index]), "width": pil.width, "height": pil.height, "detections": detections}
+                    record = {
+                        "image": str(paths[index]),
+                        "width": pil.width,
+                        "height": pil.height,
+                        "detections": detections,
+                    }
                     records.append(record)
                     if out is not None:
                         save_png(draw_detections(pil, detections, names), Path(out) / png_names[index])

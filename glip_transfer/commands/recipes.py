@@ -84,7 +84,13 @@ def list_command(
         evaluation = r.evaluation.split + (f" /{r.evaluation.chunk_size}" if r.evaluation.chunk_size else "")
         if r.prompts:
             evaluation += " *"
-        full = "" if r.name == short else r.name.split("/", 1)[-1] if r.name.split("/")[0] == short.split("/")[0] else r.name
+        full = (
+            ""
+            if r.name == short
+            else r.name.split("/", 1)[-1]
+            if r.name.split("/")[0] == short.split("/")[0]
+            else r.name
+        )
         table.add_row(escape(short), cats, escape(evaluation), escape(full))
     console.print(table)
     console.print(
@@ -158,9 +164,7 @@ def show_command(
         data["caption"] = caption
         data["chunked"] = isinstance(caption, list)
         data["prompt_file"] = str(resolve_prompt_file(recipe)) if recipe.prompts else None
-        data["prompt_entries"] = [
-            {k: v for k, v in vars(p).items() if v is not None} for p in prompts.values()
-        ]
+        data["prompt_entries"] = [{k: v for k, v in vars(p).items() if v is not None} for p in prompts.values()]
         data["undetectable"] = undetectable
         data["notices"] = notices + [n for n in (caption_note, tokenizer_warning) if n]
         data["tokenizer"] = tokenizer_name if tok is not None else None
@@ -224,7 +228,10 @@ def show_command(
         err_console.print(f"[yellow]warning:[/] {escape(tokenizer_warning)}", soft_wrap=True)
     if undetectable:
         shown = ", ".join(json.dumps(n, ensure_ascii=False) for n in undetectable)
-        err_console.print(f"[yellow]warning:[/] {len(undetectable)} categor{'y maps' if len(undetectable) == 1 else 'ies map'} to no token and cannot be detected: {escape(shown)}")
+        err_console.print(
+            f"[yellow]warning:[/] {len(undetectable)} categor{'y maps' if len(undetectable) == 1 else 'ies map'} to "
+            f"no token and cannot be detected: {escape(shown)}"
+        )
 
 
 def _prompt_text(p) -> str:

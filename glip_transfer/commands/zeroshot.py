@@ -11,7 +11,14 @@ import typer
 from ..checkpoint import load_model
 from ..config import split_overrides
 from ..data import DetectionDataset, load_coco, make_loader
-from ..evaluation import atomic_write_text, coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
+from ..evaluation import (
+    atomic_write_text,
+    coco_evaluate,
+    lvis_evaluate,
+    per_category_table,
+    summary_table,
+    write_results,
+)
 from ..recipes import (
     adhoc_recipe,
     categories_not_in_recipe,
@@ -25,7 +32,9 @@ from ..runtime import progress_bar, resolve_device
 from ..tokenizer import default_tokenizer, load_tokenizer
 from .common import console, err_console, fail, handle_errors
 
-app = typer.Typer(help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True)
+app = typer.Typer(
+    help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True
+)
 
 PARTIAL = "partial_results.jsonl"
 
@@ -54,7 +63,9 @@ def eval_command(
     split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE]."),
-    sets: list[str] = typer.Option(None, "--set", help="Override: evaluation.min_size=600, model.postprocess.nms_thresh=0.5"),
+    sets: list[str] = typer.Option(
+        None, "--set", help="Override: evaluation.min_size=600, model.postprocess.nms_thresh=0.5"
+    ),
     ann: Path = typer.Option(None, "--ann", help="COCO JSON of a dataset without a recipe (with --images)."),
     images: Path = typer.Option(None, "--images", help="Image folder of --ann."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
@@ -99,15 +110,19 @@ def eval_command(
 
     coco = load_coco(ann_file, require_annotations=False)
     ev = rec.evaluation
-    model, _ = load_model(weights, variant=variant, tokenizer=tokenizer, overrides=ev.model_overrides() + sets_by["model"])
+    model, _ = load_model(
+        weights, variant=variant, tokenizer=tokenizer, overrides=ev.model_overrides() + sets_by["model"]
+    )
     tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
     detection_prompt = evaluation_prompt(rec, tok, list(coco.categories.values()))
     for notice in detection_prompt.notices:
         err_console.print(f"[yellow]note:[/] {notice}")
     unprompted = categories_not_in_recipe(rec, list(coco.categories.values()))
     if unprompted:
-        err_console.print(f"[yellow]note:[/] {len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
-                          + ", ".join(repr(n) for _, n in unprompted[:5]))  # fmt: skip
+        err_console.print(
+            f"[yellow]note:[/] {len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
+            + ", ".join(repr(n) for _, n in unprompted[:5])
+        )
     encoded = EncodedPrompt.from_chunks(tok, detection_prompt.chunks, model.cfg.language.max_query_len)
     if adapter is not None:
         model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
@@ -116,11 +131,15 @@ def eval_command(
 
     dataset = DetectionDataset(coco, img_dir, model.cfg.input)
     if dataset.num_missing:
-        err_console.print(f"[yellow]warning:[/] {dataset.num_missing} image(s) listed in {ann_file.name} are missing on disk: skipped")
+        err_console.print(
+            f"[yellow]warning:[/] {dataset.num_missing} image(s) listed in {ann_file.name} are missing on disk: skipped"
+        )
     loader = make_loader(dataset, batch_size=batch_size, workers=workers)
     chunks_note = f", {len(encoded.chunks)} prompt chunks" if len(encoded.chunks) > 1 else ""
-    console.print(f"[bold]{rec.name}[/]: {len(dataset)} images ({files.img_dir}){chunks_note}; "
-                  f"model {model.cfg.variant} on {dev}" + (f"; resuming after {len(done_ids)} images" if done_ids else ""))  # fmt: skip
+    console.print(
+        f"[bold]{rec.name}[/]: {len(dataset)} images ({files.img_dir}){chunks_note}; "
+        f"model {model.cfg.variant} on {dev}" + (f"; resuming after {len(done_ids)} images" if done_ids else "")
+    )
 
     written = [len(results)]
     with open(partial_path, "a", encoding="utf-8") as partial, progress_bar() as bar:
@@ -134,10 +153,16 @@ def eval_command(
             bar.update(task, info=f"{written[0]} detections")
 
         new = evaluate_dataset(
-            model, loader, encoded, device=dev, cache_text=not no_text_cache,
-            on_batch=on_batch, skip_image_ids=done_ids, amp=amp,
+            model,
+            loader,
+            encoded,
+            device=dev,
+            cache_text=not no_text_cache,
+            on_batch=on_batch,
+            skip_image_ids=done_ids,
+            amp=amp,
             progress=lambda n: bar.update(task, advance=n),
-        )  # fmt: skip
+        )
         results.extend(new)
 
     if rec.evaluation.metric.startswith("lvis"):

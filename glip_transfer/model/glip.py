@@ -112,9 +112,7 @@ class GLIP(nn.Module):
         with grad_if_needed(self.backbone, images):
             return self.backbone(images)
 
-    def forward_head(
-        self, features: list[torch.Tensor], text: TextFeatures
-    ) -> tuple[HeadOutputs, list[torch.Tensor]]:
+    def forward_head(self, features: list[torch.Tensor], text: TextFeatures) -> tuple[HeadOutputs, list[torch.Tensor]]:
         """The prompt offset (if any), the fused head and the anchors, for FPN levels of batch B and
         text features of batch 1 or B."""
         return self.rpn(features, text.expand(features[0].shape[0]))
@@ -143,7 +141,12 @@ class GLIP(nn.Module):
         length = max(text.used_length(), int(mapped[:, 1].max()) + 1 if len(mapped) else 0)
         text, positive_map = text.truncate(length), positive_map[:, :length]
         outputs, anchors = self(images, text)
-        outputs = HeadOutputs(*([t.float() for t in field] for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)))
+        outputs = HeadOutputs(
+            *(
+                [t.float() for t in field]
+                for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)
+            )
+        )
         return postprocess(outputs, anchors, positive_map.float(), image_sizes, self.cfg.postprocess)
 
     # ------------------------------------------------------------------ parts and declarations

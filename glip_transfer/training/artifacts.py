@@ -120,7 +120,13 @@ def _meta(mode: str, caption: str, recipe: str | None, base: str, extra: dict | 
 
 
 def save_prompt_artifact(
-    path: str | os.PathLike, offset: torch.Tensor, *, caption: str, recipe: str | None, base: str, extra: dict | None = None
+    path: str | os.PathLike,
+    offset: torch.Tensor,
+    *,
+    caption: str,
+    recipe: str | None,
+    base: str,
+    extra: dict | None = None,
 ) -> Path:
     """The prompt offset ``[T, C]`` (float32) as safetensors with its metadata."""
     path = Path(path)
@@ -160,7 +166,9 @@ def save_lora_artifact(
     name) and ``adapter_config.json``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    peft_state = {k.replace(".default.", "."): v.detach().contiguous().cpu() for k, v in tensors.items() if LORA_MARK in k}
+    peft_state = {
+        k.replace(".default.", "."): v.detach().contiguous().cpu() for k, v in tensors.items() if LORA_MARK in k
+    }
     text = lora_config_json(lora_config)
     meta = _meta("lora", caption, recipe, base, extra)
     atomic_write(folder / LORA_CONFIG, lambda tmp: Path(tmp).write_text(text))
@@ -185,14 +193,17 @@ def save_artifact(
     if kind is ArtifactKind.PROMPT:
         if model.prompt_offset is None:
             raise ValueError("a prompt artifact needs the model's prompt offset")
-        return save_prompt_artifact(folder / kind.file, model.prompt_offset.weight, caption=caption, recipe=recipe,
-                                    base=base, extra=extra)  # fmt: skip
+        return save_prompt_artifact(
+            folder / kind.file, model.prompt_offset.weight, caption=caption, recipe=recipe, base=base, extra=extra
+        )
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if kind is ArtifactKind.LORA:
-        return save_lora_artifact(folder / kind.file, tensors, lora_config or {}, caption=caption, recipe=recipe,
-                                  base=base, extra=extra)  # fmt: skip
-    return save_weights_artifact(folder / kind.file, tensors, mode=mode, caption=caption, recipe=recipe, base=base,
-                                 extra=extra)  # fmt: skip
+        return save_lora_artifact(
+            folder / kind.file, tensors, lora_config or {}, caption=caption, recipe=recipe, base=base, extra=extra
+        )
+    return save_weights_artifact(
+        folder / kind.file, tensors, mode=mode, caption=caption, recipe=recipe, base=base, extra=extra
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -223,7 +234,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     try:
         tensors, meta = read_safetensors(file)
     except CheckpointError:
-        raise AdapterError(f"{file}: not a readable adapter (not a valid safetensors file; it may be truncated)") from None
+        raise AdapterError(
+            f"{file}: not a readable adapter (not a valid safetensors file; it may be truncated)"
+        ) from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{file}: not a glip finetune adapter (no '{ADAPTER_FORMAT}' metadata)")
     if found.is_dir():
@@ -256,10 +269,13 @@ def load_adapter(model: GLIP, path: str | os.PathLike, *, base_hash: str | None,
     if caption is not None and trained_caption and caption != trained_caption:
         if kind is ArtifactKind.PROMPT:
             raise AdapterError(
-                f"{found}: this prompt offset was trained for the caption {trained_caption[:60]!r}, not {caption[:60]!r}: "
+                f"{found}: this prompt offset was trained for the caption {trained_caption[:60]!r}, not "
+                f"{caption[:60]!r}: "
                 "evaluate with the same categories/prompt (recipe) it was trained on"
             )
-        warnings.warn(f"{found.name}: trained with the caption {trained_caption[:60]!r}, used with {caption[:60]!r}", stacklevel=2)
+        warnings.warn(
+            f"{found.name}: trained with the caption {trained_caption[:60]!r}, used with {caption[:60]!r}", stacklevel=2
+        )
     if kind is ArtifactKind.PROMPT:
         _apply_prompt(model, found, tensors[PROMPT_TENSOR])
     elif kind is ArtifactKind.LORA:
@@ -276,7 +292,8 @@ def _apply_prompt(model: GLIP, found: Path, offset: torch.Tensor) -> None:
     text_dim = model.cfg.language.hidden_size
     if offset.dim() != 2 or offset.shape[1] != text_dim:
         raise AdapterError(
-            f"{found}: prompt offset of shape {list(offset.shape)} does not fit a model with {text_dim}-wide text features"
+            f"{found}: prompt offset of shape {list(offset.shape)} does not fit a model with {text_dim}-wide text "
+            "features"
         )
     model.set_prompt_offset(offset.to(torch.float32)).requires_grad_(False)
 
@@ -285,7 +302,9 @@ def _apply_weights(model: nn.Module, found: Path, tensors: dict[str, torch.Tenso
     own = model.state_dict()
     bad = [k for k, v in tensors.items() if k not in own or tuple(own[k].shape) != tuple(v.shape)]
     if bad:
-        raise AdapterError(f"{found}: {len(bad)} tensor(s) do not fit the model (first: {bad[0]}): made for another variant")
+        raise AdapterError(
+            f"{found}: {len(bad)} tensor(s) do not fit the model (first: {bad[0]}): made for another variant"
+        )
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
@@ -301,7 +320,9 @@ def apply_adapter(
     caption = None
     if captions is not None:
         if kind is ArtifactKind.PROMPT and len(captions) != 1:
-            raise AdapterError(f"{found}: a prompt offset fits one caption, but this prompt is split into {len(captions)} chunks")
+            raise AdapterError(
+                f"{found}: a prompt offset fits one caption, but this prompt is split into {len(captions)} chunks"
+            )
         caption = captions[0] if len(captions) == 1 else None
     load_adapter(model, path, base_hash=base_hash(weights, model), caption=caption)
     return model

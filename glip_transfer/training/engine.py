@@ -96,7 +96,11 @@ class TrainModule(nn.Module):
         return feats
 
     def forward(
-        self, images: torch.Tensor, targets: list[GroundingTarget], input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        images: torch.Tensor,
+        targets: list[GroundingTarget],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         text = self.text_features(input_ids, attention_mask).expand(images.shape[0])
         outputs, anchors = self.model(images, text)
@@ -244,7 +248,11 @@ class Trainer:
         now = _jsonable(asdict(self.cfg))
         changed = sorted(k for k in now if k not in ("max_steps", "workers") and saved.get(k, now[k]) != now[k])
         if changed:
-            warnings.warn(f"resuming with changed settings ({', '.join(changed[:5])}): the run will not match an uninterrupted one", stacklevel=2)
+            warnings.warn(
+                f"resuming with changed settings ({', '.join(changed[:5])}): the run will not match an uninterrupted "
+                "one",
+                stacklevel=2,
+            )
         self.module.forget_text()
         if self.log is not None:
             self.log.truncate_after(self.state.step)
@@ -254,8 +262,11 @@ class Trainer:
         if not self.dist.main:
             return
         tensors = {k: v.detach() for k, v in self.best_tensors().items()}
-        save_state_file(self.ckpt_dir / "best.safetensors", {"param/" + k: v for k, v in tensors.items()},
-                        {"epoch": self.state.epoch, "step": self.state.step, "ap": self.state.best_ap})  # fmt: skip
+        save_state_file(
+            self.ckpt_dir / "best.safetensors",
+            {"param/" + k: v for k, v in tensors.items()},
+            {"epoch": self.state.epoch, "step": self.state.step, "ap": self.state.best_ap},
+        )
 
     def best_tensors(self) -> dict[str, torch.Tensor]:
         """The weights to evaluate / keep: the EMA averages when EMA is on."""
@@ -319,7 +330,9 @@ class Trainer:
         self.state.step += 1
         parts = {k: float(v.detach()) for k, v in losses.items()}
         if self.dist.enabled:
-            reduced = all_reduce_mean(torch.tensor([loss_value, *parts.values()], device=self.device), self.dist).tolist()
+            reduced = all_reduce_mean(
+                torch.tensor([loss_value, *parts.values()], device=self.device), self.dist
+            ).tolist()
             loss_value, parts = reduced[0], dict(zip(parts, reduced[1:]))
         return {"loss": loss_value, **parts, "grad_norm": float(grad_norm), "skipped": not finite}
 
@@ -348,8 +361,14 @@ class Trainer:
         cfg, st = self.cfg, self.state
         ap = max(float(metrics.get("AP", 0.0)), 0.0)
         reduced = self.schedule.observe(ap)
-        record = {"type": "eval", "split": "val", "epoch": st.epoch, "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
-                  **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
+        record = {
+            "type": "eval",
+            "split": "val",
+            "epoch": st.epoch,
+            "step": st.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
         if ap < st.best_ap:
             st.patience += 1
         else:
@@ -362,8 +381,10 @@ class Trainer:
         st.history.append(record)
         if self.log is not None:
             self.log.write(record)
-        self._say(f"epoch {st.epoch}: val AP {ap:.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f} (best {st.best_ap:.4f} at epoch {st.best_epoch})"
-                  + (" — lr reduced" if reduced else ""))  # fmt: skip
+        self._say(
+            f"epoch {st.epoch}: val AP {ap:.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f} (best {st.best_ap:.4f} "
+            f"at epoch {st.best_epoch})" + (" — lr reduced" if reduced else "")
+        )
         if cfg.early_stop_patience > 0 and st.patience >= cfg.early_stop_patience:
             st.stopped_early = True
             self._say(f"early stop: no improvement over {st.patience} evaluations")
@@ -387,16 +408,33 @@ class Trainer:
         try:
             if cfg.eval_before and self.evaluate_fn is not None and st.step == 0 and not st.history:
                 metrics = self.validate()
-                record = {"type": "eval", "split": "val", "epoch": 0, "step": 0, "start": True,
-                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
+                record = {
+                    "type": "eval",
+                    "split": "val",
+                    "epoch": 0,
+                    "step": 0,
+                    "start": True,
+                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                }
                 st.history.append(record)
                 if self.log is not None:
                     self.log.write(record)
-                self._say(f"start: val AP {max(metrics.get('AP', 0.0), 0.0):.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f}")
+                self._say(
+                    f"start: val AP {max(metrics.get('AP', 0.0), 0.0):.4f} AP50 "
+                    f"{max(metrics.get('AP50', 0.0), 0.0):.4f}"
+                )
             while st.epoch < cfg.epochs and not st.stopped_early and not (cfg.max_steps and st.step >= cfg.max_steps):
-                loader = make_train_loader(self.dataset, cfg.batch_size, seed=cfg.seed, epoch=st.epoch, rank=self.dist.rank,
-                                           world=self.dist.world, start=st.batch, workers=cfg.workers,
-                                           size_divisibility=self.module.model.cfg.input.size_divisibility)  # fmt: skip
+                loader = make_train_loader(
+                    self.dataset,
+                    cfg.batch_size,
+                    seed=cfg.seed,
+                    epoch=st.epoch,
+                    rank=self.dist.rank,
+                    world=self.dist.world,
+                    start=st.batch,
+                    workers=cfg.workers,
+                    size_divisibility=self.module.model.cfg.input.size_divisibility,
+                )
                 for batch in loader:
                     t0 = time.perf_counter()
                     out = self.train_step(batch)
@@ -406,10 +444,17 @@ class Trainer:
                     if self.log is not None:
                         self.log.write({"type": "step", "step": st.step, "epoch": st.epoch, "lr": lr, **out})
                     if bar is not None:
-                        bar.update(task, completed=st.step, info=f"ep {st.epoch + 1}/{cfg.epochs} loss {out['loss']:.4f} lr {lr:.2e}"
-                                   + (f" skipped {st.skipped}" if st.skipped else ""))  # fmt: skip
+                        bar.update(
+                            task,
+                            completed=st.step,
+                            info=f"ep {st.epoch + 1}/{cfg.epochs} loss {out['loss']:.4f} lr {lr:.2e}"
+                            + (f" skipped {st.skipped}" if st.skipped else ""),
+                        )
                     if out["skipped"]:
-                        warnings.warn(f"step {st.step}: non-finite loss or gradient, step skipped ({st.skipped} so far)", stacklevel=2)
+                        warnings.warn(
+                            f"step {st.step}: non-finite loss or gradient, step skipped ({st.skipped} so far)",
+                            stacklevel=2,
+                        )
                     if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:
                         self.save_checkpoint()
                     if self.stop_after_steps and st.step >= self.stop_after_steps:

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 LORA_PRESETS = {
-    "fusion": r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)",
+    "fusion": r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\."
+    r"(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)",
     "head_bert": r"rpn\.head\.dyhead_tower\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
     "bert": r"language_backbone\.body\.model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
     "swin": r"backbone\.body\.layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)",
@@ -38,7 +39,8 @@ def lora_target_regex(targets) -> str:
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     if not targets:
         raise ConfigError(
-            "train.lora.targets is empty: name presets (fusion, head_bert, bert, swin, predictors) or regular expressions"
+            "train.lora.targets is empty: name presets (fusion, head_bert, bert, swin, predictors) or regular "
+            "expressions"
         )
     parts = []
     for t in targets:
@@ -47,7 +49,8 @@ def lora_target_regex(targets) -> str:
             re.compile(expr)
         except re.error as e:
             raise ConfigError(
-                f"train.lora.targets: {t!r} is neither a preset ({', '.join(LORA_PRESETS)}) nor a valid regular expression ({e})"
+                f"train.lora.targets: {t!r} is neither a preset ({', '.join(LORA_PRESETS)}) nor a valid regular "
+                f"expression ({e})"
             ) from None
         parts.append(f"(?:{expr})")
     return "|".join(parts)
@@ -74,7 +77,9 @@ def inject_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
         inject_adapter_in_model(config, model)
     except ValueError as e:
         if "not found" in str(e):
-            raise ConfigError(f"train.lora.targets matched no module of the model ({config.target_modules}); {hint}") from None
+            raise ConfigError(
+                f"train.lora.targets matched no module of the model ({config.target_modules}); {hint}"
+            ) from None
         raise ConfigError(f"train.lora.targets: {str(e).splitlines()[0]}") from None
     if not lora_parameters(model):
         raise ConfigError(f"train.lora.targets matched no module of the model ({config.target_modules}); {hint}")
@@ -92,7 +97,9 @@ def lora_config_json(config: dict) -> str:
 
     fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     kept = {k: v for k, v in config.items() if k in fields and k not in ("peft_type", "task_type")}
-    return json.dumps(LoraConfig(**kept).to_dict(), indent=2, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    return json.dumps(
+        LoraConfig(**kept).to_dict(), indent=2, default=lambda v: sorted(v) if isinstance(v, set) else str(v)
+    )
 
 
 def load_lora_folder(model: nn.Module, folder: Path, tensors: dict[str, torch.Tensor]) -> None:

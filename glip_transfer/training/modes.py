@@ -44,8 +44,11 @@ def _holds_trainable(module: nn.Module) -> bool:
 
 
 def _full_trains(model: GLIP, cfg: TrainConfig) -> list[nn.Parameter]:
-    frozen = {id(p) for m in (*model.backbone.frozen_stages(cfg.freeze_backbone_at), model.rpn.head.cls_logits)
-              for p in m.parameters()}  # fmt: skip
+    frozen = {
+        id(p)
+        for m in (*model.backbone.frozen_stages(cfg.freeze_backbone_at), model.rpn.head.cls_logits)
+        for p in m.parameters()
+    }
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
@@ -200,7 +203,8 @@ def train_config_for(recipe: Recipe | None = None, mode: str = "full", shots: in
         copies = tuning.few_shot_copies.get(shots)
         if copies is None:
             raise ConfigError(
-                f"--shots {shots}: the recipe knows copies for {sorted(tuning.few_shot_copies)} shots; pass --set train.copies=N"
+                f"--shots {shots}: the recipe knows copies for {sorted(tuning.few_shot_copies)} shots; pass --set "
+                "train.copies=N"
             )
         cfg.copies = copies
     else:
@@ -281,9 +285,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def trainable_breakdown(model: GLIP) -> dict[str, int]:
     """Trainable parameter counts per part of the model (the prompt offset is a part of its own)."""
-    parts = {"backbone.body": model.backbone.body, "backbone.fpn": model.backbone.fpn,
-             "language_backbone": model.language_backbone, "rpn.head": model.rpn.head,
-             "rpn.tunable_linear (prompt offset)": model.prompt_offset}  # fmt: skip
+    parts = {
+        "backbone.body": model.backbone.body,
+        "backbone.fpn": model.backbone.fpn,
+        "language_backbone": model.language_backbone,
+        "rpn.head": model.rpn.head,
+        "rpn.tunable_linear (prompt offset)": model.prompt_offset,
+    }
     out: dict[str, int] = {}
     for name, part in parts.items():
         n = sum(p.numel() for p in part.parameters() if p.requires_grad) if part is not None else 0

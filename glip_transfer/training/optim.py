@@ -18,7 +18,6 @@ import math
 from bisect import bisect_right
 
 import torch
-from torch import nn
 
 from ..model.glip import GLIP, ParamRole
 from .config import TrainConfig
@@ -141,8 +140,14 @@ class LRSchedule:
         return reduced
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "plateau_lrs": list(self.plateau_lrs), "best": self.best if self.best != -math.inf else None,
-                "bad_evals": self.bad_evals, "reductions": self.reductions, "base_lrs": list(self.base_lrs)}  # fmt: skip
+        return {
+            "iteration": self.iteration,
+            "plateau_lrs": list(self.plateau_lrs),
+            "best": self.best if self.best != -math.inf else None,
+            "bad_evals": self.bad_evals,
+            "reductions": self.reductions,
+            "base_lrs": list(self.base_lrs),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])

@@ -60,7 +60,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 def plot_curves(records: Iterable[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Loss (raw and smoothed) per step and val AP / AP50 per evaluation, as a PNG."""
-    import matplotlib
+    import matplotlib  # about half a second to import: only when a run has finished
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

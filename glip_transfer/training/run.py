@@ -19,7 +19,6 @@ Run folder (``--out``)::
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -159,7 +158,9 @@ def build_model(spec: RunSpec, recipe: Recipe, model_sets: list[str], seed: int)
         model, _ = load_model(spec.weights, variant=spec.variant, tokenizer=spec.tokenizer, overrides=overrides)
         return model, []
     if spec.variant is None:
-        raise ConfigError("give --weights PATH (an official GLIP .pth or a .safetensors), or --variant NAME for an untrained model")
+        raise ConfigError(
+            "give --weights PATH (an official GLIP .pth or a .safetensors), or --variant NAME for an untrained model"
+        )
     cfg = variant_config(spec.variant)
     if spec.tokenizer:
         cfg.language.tokenizer = spec.tokenizer
@@ -194,27 +195,34 @@ def build_train_data(
     image_ids = None
     if spec.shots and not cfg.few_shot_prepared:
         image_ids = few_shot_image_ids(coco, spec.shots, cfg.shuffle_seed)
-        notes.append(f"{spec.shots}-shot subset (shuffle seed {cfg.shuffle_seed}): {len(image_ids)} of {len(coco.images)} images")
+        notes.append(
+            f"{spec.shots}-shot subset (shuffle seed {cfg.shuffle_seed}): {len(image_ids)} of {len(coco.images)} images"
+        )
     transform = TrainTransform(model.cfg.input, min_sizes=cfg.min_sizes, max_size=cfg.max_size, flip_prob=cfg.flip_prob)
     common = dict(seed=cfg.seed, image_ids=image_ids, copies=cfg.copies)
     if spec.pretrain:
         if is_grounding_file(coco):
             dataset = CaptionGroundingDataset(coco, train_img, transform, tokenizer, max_len=max_len, **common)
         else:
-            dataset = DetectionPretrainDataset(coco, train_img, transform, tokenizer, negatives=cfg.negatives,
-                                               max_len=max_len, **common)  # fmt: skip
+            dataset = DetectionPretrainDataset(
+                coco, train_img, transform, tokenizer, negatives=cfg.negatives, max_len=max_len, **common
+            )
         return TrainData(dataset, None, None, notes)
     annotation_categories = list(coco.categories.values())
     detection_prompt = evaluation_prompt(recipe, tokenizer, annotation_categories)
     if detection_prompt.chunked:
         raise RecipeError(
-            f"recipe {recipe.name}: the categories need {len(detection_prompt.chunks)} captions of at most {max_len} tokens; "
-            "fine-tuning trains with one caption for every image: shorten the names (a prompt file) or use fewer categories"
+            f"recipe {recipe.name}: the categories need {len(detection_prompt.chunks)} captions of at most {max_len} "
+            "tokens; "
+            "fine-tuning trains with one caption for every image: shorten the names (a prompt file) or use fewer "
+            "categories"
         )
     missing = categories_not_in_recipe(recipe, annotation_categories)
     if missing:
-        notes.append(f"{len(missing)} annotation categories are not in the recipe; their boxes are not trained on: "
-                     + ", ".join(repr(n) for _, n in missing[:5]))  # fmt: skip
+        notes.append(
+            f"{len(missing)} annotation categories are not in the recipe; their boxes are not trained on: "
+            + ", ".join(repr(n) for _, n in missing[:5])
+        )
     prompt = fixed_prompt(tokenizer, detection_prompt.chunks[0], max_len)
     dataset = DetectionGroundingDataset(coco, train_img, transform, prompt, **common)
     return TrainData(dataset, prompt, detection_prompt, notes)
@@ -232,7 +240,11 @@ class EvalData:
 
 
 def build_eval_data(
-    spec: RunSpec, recipe: Recipe, model: GLIP, tokenizer: PreTrainedTokenizerBase, detection_prompt: DetectionPrompt | None
+    spec: RunSpec,
+    recipe: Recipe,
+    model: GLIP,
+    tokenizer: PreTrainedTokenizerBase,
+    detection_prompt: DetectionPrompt | None,
 ) -> EvalData:
     if spec.recipe is not None:
         val_split = recipe.tuning.val_split if recipe.tuning is not None else recipe.evaluation.split
@@ -296,7 +308,11 @@ def default_out(spec: RunSpec, recipe: Recipe) -> Path:
 
 
 def prepare(
-    spec: RunSpec, *, shuffle_seed: int | None = None, dist_info: DistInfo | None = None, device: torch.device | None = None
+    spec: RunSpec,
+    *,
+    shuffle_seed: int | None = None,
+    dist_info: DistInfo | None = None,
+    device: torch.device | None = None,
 ) -> Prepared:
     """Everything of a run but the training itself (what ``--dry-run`` shows)."""
     dist_info = dist_info or DistInfo()
@@ -314,11 +330,27 @@ def prepare(
     module = TrainModule(model, plan).to(device)
     trainable, total = count_parameters(model)
     return Prepared(
-        spec=spec, cfg=cfg, recipe=recipe, model=model, module=module, plan=plan, tokenizer=tokenizer, prompt=train.prompt,
-        encoded=evaluation.encoded, dataset=train.dataset, val=evaluation.val, test=evaluation.test, device=device,
-        dist=dist_info, base=base, out=Path(spec.out or default_out(spec, recipe)), trainable=trainable, total=total,
-        breakdown=trainable_breakdown(model), notes=notes + train.notes + evaluation.notes,
-    )  # fmt: skip
+        spec=spec,
+        cfg=cfg,
+        recipe=recipe,
+        model=model,
+        module=module,
+        plan=plan,
+        tokenizer=tokenizer,
+        prompt=train.prompt,
+        encoded=evaluation.encoded,
+        dataset=train.dataset,
+        val=evaluation.val,
+        test=evaluation.test,
+        device=device,
+        dist=dist_info,
+        base=base,
+        out=Path(spec.out or default_out(spec, recipe)),
+        trainable=trainable,
+        total=total,
+        breakdown=trainable_breakdown(model),
+        notes=notes + train.notes + evaluation.notes,
+    )
 
 
 # --------------------------------------------------------------------------- guards on the run folder
@@ -337,8 +369,18 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> str:
     return "resume" if started and resume else "new"
 
 
-OWNED = ("checkpoints", "log.jsonl", "config.json", "result.json", "curves.png", "test", "val", "prompt.safetensors",
-         "weights.safetensors", "lora")  # fmt: skip
+OWNED = (
+    "checkpoints",
+    "log.jsonl",
+    "config.json",
+    "result.json",
+    "curves.png",
+    "test",
+    "val",
+    "prompt.safetensors",
+    "weights.safetensors",
+    "lora",
+)
 
 
 def clear_run_dir(out: Path) -> None:
@@ -356,8 +398,15 @@ def clear_run_dir(out: Path) -> None:
 
 def evaluate_on(prep: Prepared, dataset: DetectionDataset) -> tuple[list[dict], dict[str, Any]]:
     """COCO results and metrics of the model as it is now on ``dataset``, with the run's prompt."""
-    return evaluate(prep.model, dataset, prep.encoded, batch_size=prep.cfg.eval_batch_size, device=prep.device,
-                    amp=prep.cfg.amp, workers=prep.cfg.workers)  # fmt: skip
+    return evaluate(
+        prep.model,
+        dataset,
+        prep.encoded,
+        batch_size=prep.cfg.eval_batch_size,
+        device=prep.device,
+        amp=prep.cfg.amp,
+        workers=prep.cfg.workers,
+    )
 
 
 def run_config(prep: Prepared) -> dict:
@@ -384,12 +433,26 @@ def run_config(prep: Prepared) -> dict:
 
 def write_artifact(prep: Prepared, trainer: Trainer) -> Path:
     """The mode's artifact from the weights now in the model (the best ones after training)."""
-    extra = {"variant": prep.model.cfg.variant, "shots": prep.spec.shots, "shuffle_seed": prep.cfg.shuffle_seed,
-             "best_val_ap": trainer.state.best_ap, "best_epoch": trainer.state.best_epoch,
-             "glip_config": json.dumps(to_dict(prep.model.cfg)), "train_config": json.dumps(to_dict(prep.cfg))}  # fmt: skip
-    return save_artifact(prep.plan.definition.artifact, prep.out, prep.model, mode=prep.plan.mode, lora_config=prep.plan.lora,
-                         caption=prep.prompt.caption if prep.prompt is not None else "", recipe=prep.recipe.name,
-                         base=prep.base, extra=extra)  # fmt: skip
+    extra = {
+        "variant": prep.model.cfg.variant,
+        "shots": prep.spec.shots,
+        "shuffle_seed": prep.cfg.shuffle_seed,
+        "best_val_ap": trainer.state.best_ap,
+        "best_epoch": trainer.state.best_epoch,
+        "glip_config": json.dumps(to_dict(prep.model.cfg)),
+        "train_config": json.dumps(to_dict(prep.cfg)),
+    }
+    return save_artifact(
+        prep.plan.definition.artifact,
+        prep.out,
+        prep.model,
+        mode=prep.plan.mode,
+        lora_config=prep.plan.lora,
+        caption=prep.prompt.caption if prep.prompt is not None else "",
+        recipe=prep.recipe.name,
+        base=prep.base,
+        extra=extra,
+    )
 
 
 def train_run(prep: Prepared, console: Console | None = None, *, stop_after_steps: int = 0) -> dict:
@@ -406,14 +469,26 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
     if main:
         out.mkdir(parents=True, exist_ok=True)
     validate = (lambda model: evaluate_on(prep, prep.val)[1]) if prep.val is not None else None
-    trainer = Trainer(prep.module, prep.cfg, prep.dataset, device=prep.device, out_dir=out, prompt=prep.prompt,
-                      evaluate=validate, dist_info=prep.dist, console=console, progress=spec.progress,
-                      stop_after_steps=stop_after_steps)  # fmt: skip
+    trainer = Trainer(
+        prep.module,
+        prep.cfg,
+        prep.dataset,
+        device=prep.device,
+        out_dir=out,
+        prompt=prep.prompt,
+        evaluate=validate,
+        dist_info=prep.dist,
+        console=console,
+        progress=spec.progress,
+        stop_after_steps=stop_after_steps,
+    )
     resumed = trainer.resume() if how == "resume" else False
     if main:
         atomic_write_text(out / "config.json", json.dumps(run_config(prep), indent=2, default=str) + "\n")
         if console is not None and resumed:
-            console.print(f"resuming at step {trainer.state.step} (epoch {trainer.state.epoch}, batch {trainer.state.batch})")
+            console.print(
+                f"resuming at step {trainer.state.step} (epoch {trainer.state.epoch}, batch {trainer.state.batch})"
+            )
     result = trainer.fit()
     if result.status == "stopped":
         return {"status": "stopped", "step": result.state.step, "out": str(out)}
@@ -421,19 +496,31 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
     trainer.load_best()
     state = result.state
     summary: dict[str, Any] = {
-        "status": "finished", "mode": prep.plan.mode, "recipe": prep.recipe.name, "shots": spec.shots,
-        "shuffle_seed": prep.cfg.shuffle_seed, "seed": prep.cfg.seed, "trainable": prep.trainable, "total": prep.total,
-        "steps": state.step, "skipped_steps": state.skipped, "epochs": state.epoch, "stopped_early": state.stopped_early,
-        "best_epoch": state.best_epoch, "best_val_AP": state.best_ap if prep.val is not None else None,
+        "status": "finished",
+        "mode": prep.plan.mode,
+        "recipe": prep.recipe.name,
+        "shots": spec.shots,
+        "shuffle_seed": prep.cfg.shuffle_seed,
+        "seed": prep.cfg.seed,
+        "trainable": prep.trainable,
+        "total": prep.total,
+        "steps": state.step,
+        "skipped_steps": state.skipped,
+        "epochs": state.epoch,
+        "stopped_early": state.stopped_early,
+        "best_epoch": state.best_epoch,
+        "best_val_AP": state.best_ap if prep.val is not None else None,
         "base_sha256": prep.base,
-    }  # fmt: skip
+    }
     if main:
         if prep.test is not None:
             results, metrics = evaluate_on(prep, prep.test)
             write_results(out / "test", results, metrics)
             summary["test"] = scalar_metrics({k: v for k, v in metrics.items() if k not in ("num_detections",)})
             if console is not None:
-                console.print(f"test (best weights, epoch {state.best_epoch}): AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
+                console.print(
+                    f"test (best weights, epoch {state.best_epoch}): AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}"
+                )
         summary["artifact"] = str(write_artifact(prep, trainer))
         try:
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")
@@ -442,12 +529,3 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
         atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     barrier(prep.dist)
     return summary
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value, NaN for none)."""
-    if not values:
-        return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)

@@ -90,7 +90,9 @@ def load_last(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
         return tensors, state, last
     except CheckpointError as e:
         if not prev.is_file():
-            raise CheckpointError(f"{e}; no earlier checkpoint (last.prev) to fall back to: start again without --resume (with --force)") from None
+            raise CheckpointError(
+                f"{e}; no earlier checkpoint (last.prev) to fall back to: start again without --resume (with --force)"
+            ) from None
         warnings.warn(f"{e}; falling back to the previous checkpoint {prev.name}", stacklevel=2)
     tensors, state = load_state_file(prev)
     return tensors, state, prev

@@ -19,8 +19,15 @@ from glip_transfer.training.engine import TrainModule
 from glip_transfer.training.modes import apply_mode
 from glip_transfer.training.optim import param_groups
 
-STRESS = dict(lr=1e-3, language_lr=2e-5, weight_decay=0.05, bias_lr_factor=3.0, bias_weight_decay=0.01,
-              norm_weight_decay_factor=0.5, backbone_lr_factor=0.1)
+STRESS = dict(
+    lr=1e-3,
+    language_lr=2e-5,
+    weight_decay=0.05,
+    bias_lr_factor=3.0,
+    bias_weight_decay=0.01,
+    norm_weight_decay_factor=0.5,
+    backbone_lr_factor=0.1,
+)
 ALL_LORA = LoraSettings(targets=("fusion", "head_bert", "bert", "swin", "predictors"))
 
 
@@ -32,7 +39,12 @@ def cases():
             cfg = TrainConfig(**STRESS, lora=ALL_LORA)
             yield f"{variant}/{mode}/stress", variant, mode, cfg
         yield f"{variant}/full/pretrain", variant, "full", pretrain_config()
-        yield f"{variant}/full/stress-unfrozen", variant, "full", TrainConfig(**{**STRESS, "language_lr": None}, freeze_backbone_at=-1)
+        yield (
+            f"{variant}/full/stress-unfrozen",
+            variant,
+            "full",
+            TrainConfig(**{**STRESS, "language_lr": None}, freeze_backbone_at=-1),
+        )
 
 
 def main() -> None:
@@ -69,7 +81,9 @@ def write_table(cases: dict[str, list], path: Path) -> None:
     note = "groups: [lr, weight decay, parameter indices into names (runs as [first, last])], in the optimiser's order"
     names_text = ",\n".join(json.dumps(n) for n in names)
     cases_text = ",\n".join(f"{json.dumps(k)}:{json.dumps(v, separators=(',', ':'))}" for k, v in compact.items())
-    path.write_text(f'{{"commit":"4b7a6b5","note":{json.dumps(note)},\n"names":[\n{names_text}\n],\n"cases":{{\n{cases_text}\n}}}}\n')
+    path.write_text(
+        f'{{"commit":"4b7a6b5","note":{json.dumps(note)},\n"names":[\n{names_text}\n],\n"cases":{{\n{cases_text}\n}}}}\n'
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,14 @@ class BiMultiHeadAttention(nn.Module):
         self.values_l_proj = nn.Linear(l_dim, embed_dim)
         self.out_v_proj = nn.Linear(embed_dim, v_dim)
         self.out_l_proj = nn.Linear(embed_dim, l_dim)
-        for layer in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj, self.out_v_proj, self.out_l_proj):
+        for layer in (
+            self.v_proj,
+            self.l_proj,
+            self.values_v_proj,
+            self.values_l_proj,
+            self.out_v_proj,
+            self.out_l_proj,
+        ):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -143,7 +150,9 @@ class BiMultiHeadAttention(nn.Module):
 class BiAttentionBlock(nn.Module):
     """LayerNorm both sides, cross-attend, add the layer-scaled update: ``out = LN(x) + gamma * delta``."""
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_values: float, dropout: float = 0.1):
+    def __init__(
+        self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_values: float, dropout: float = 0.1
+    ):
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)

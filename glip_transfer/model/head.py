@@ -66,7 +66,9 @@ class DyReLU(nn.Module):
         super().__init__()
         self.channels = channels
         self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True), nn.Linear(channels // reduction, channels * 4)
+            nn.Linear(channels, channels // reduction),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels * 4),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,10 +97,15 @@ class DyConv(nn.Module):
     def __init__(self, channels: int, gn_groups: int, dyrelu_reduction: int = 4):
         super().__init__()
         self.DyConv = nn.ModuleList(
-            [Conv3x3Norm(channels, channels, 1, gn_groups), Conv3x3Norm(channels, channels, 1, gn_groups),
-             Conv3x3Norm(channels, channels, 2, gn_groups)]
+            [
+                Conv3x3Norm(channels, channels, 1, gn_groups),
+                Conv3x3Norm(channels, channels, 1, gn_groups),
+                Conv3x3Norm(channels, channels, 2, gn_groups),
+            ]
         )
-        self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, kernel_size=1), nn.ReLU(inplace=True))
+        self.AttnConv = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, kernel_size=1), nn.ReLU(inplace=True)
+        )
         self.relu = DyReLU(channels, dyrelu_reduction)
         self.offset = nn.Conv2d(channels, 27, kernel_size=3, stride=1, padding=1)
         for m in list(self.DyConv.modules()) + list(self.AttnConv.modules()):

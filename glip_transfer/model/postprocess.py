@@ -73,7 +73,9 @@ def phrase_token_indices(positive_map: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(row > 0).squeeze(1) for row in positive_map]
 
 
-def phrase_scores(token_probs: torch.Tensor, token_indices: list[torch.Tensor], score_agg: str = "MEAN") -> torch.Tensor:
+def phrase_scores(
+    token_probs: torch.Tensor, token_indices: list[torch.Tensor], score_agg: str = "MEAN"
+) -> torch.Tensor:
     """Per-phrase scores ``[B, N, L]`` from token probabilities ``[B, N, T]``: the MEAN (or MAX) of
     the probabilities of each phrase's tokens; a phrase without tokens scores 0."""
     b, n, _ = token_probs.shape
@@ -152,7 +154,9 @@ def postprocess(
     token_indices = phrase_token_indices(positive_map)
     per_level = [
         level_candidates(r, c, t, a, token_indices, image_sizes, cfg, level)
-        for level, (r, c, t, a) in enumerate(zip(outputs.box_regression, outputs.centerness, outputs.token_logits, anchors))
+        for level, (r, c, t, a) in enumerate(
+            zip(outputs.box_regression, outputs.centerness, outputs.token_logits, anchors)
+        )
     ]
     return [select_detections(Detections.cat([lvl[i] for lvl in per_level]), cfg) for i in range(len(image_sizes))]
 

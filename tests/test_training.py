@@ -128,6 +128,29 @@ def test_linear_mode_is_the_official_linear_prob_set():
     assert not model.language_backbone.training
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_runs_without_autograd_what_its_table_entry_says(mode):
+    """The model's one rule (frozen parts fed by inputs without gradients run under no_grad) gives
+    exactly the parts the mode's ``no_autograd`` lists, and the step still reaches every trainable
+    parameter."""
+    model = tiny()
+    plan = apply_mode(model, mode, TrainConfig(dropout=0.0))
+    module = TrainModule(model, plan)
+    set_train_modes(model, plan, True)
+    grad_mode = {}
+    parts = {
+        "backbone": model.backbone,
+        "language_backbone": model.language_backbone,
+        "tower": model.rpn.head.dyhead_tower[-1],
+    }
+    for name, part in parts.items():
+        part.register_forward_hook(lambda *_, name=name: grad_mode.__setitem__(name, torch.is_grad_enabled()))
+    images, targets, ids, mask = _batch()
+    sum(module(images, targets, ids, mask).values()).backward()
+    assert {name for name, enabled in grad_mode.items() if not enabled} == set(MODES[mode].no_autograd)
+    assert all(p.grad is not None for _, p in module.named_trainable())
+
+
 def test_text_mode_trains_the_language_backbone_only():
     model = tiny()
     plan = apply_mode(model, "text", TrainConfig())

@@ -131,7 +131,8 @@ def save_prompt_artifact(
     """The prompt offset ``[T, C]`` (float32) as safetensors with its metadata."""
     path = Path(path)
     tensors = {PROMPT_TENSOR: offset.detach().to(torch.float32).contiguous().cpu()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=_meta("prompt", caption, recipe, base, extra)))
+    meta = _meta(ArtifactKind.PROMPT.value, caption, recipe, base, extra)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -170,7 +171,7 @@ def save_lora_artifact(
         k.replace(".default.", "."): v.detach().contiguous().cpu() for k, v in tensors.items() if LORA_MARK in k
     }
     text = lora_config_json(lora_config)
-    meta = _meta("lora", caption, recipe, base, extra)
+    meta = _meta(ArtifactKind.LORA.value, caption, recipe, base, extra)
     atomic_write(folder / LORA_CONFIG, lambda tmp: Path(tmp).write_text(text))
     atomic_write(folder / LORA_WEIGHTS, lambda tmp: save_file(peft_state, tmp, metadata=meta))
     return folder

@@ -19,7 +19,7 @@ Official counterparts: ``tools/finetune.py`` (``tuning_highlevel_override``) and
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal
 
 from torch import nn
 
@@ -78,6 +78,9 @@ class TransferMode:
     name:           ``--mode``
     official:       the official counterpart (``SOLVER.TUNING_HIGHLEVEL_OVERRIDE``), if any
     trains:         what trains, in words
+    no_autograd:    the parts a training step runs without autograd (``backbone``: Swin + FPN;
+                    ``language_backbone``: BERT, its features computed once; ``tower``: the fused
+                    head's tower), as the one rule of the module docstring gives them
     add:            adds the mode's own parameters to the model before training (prompt
                     offset, LoRA layers); returns the peft config for the artifact (LoRA)
     trainable:      the parameters that train (all others are frozen)
@@ -94,6 +97,7 @@ class TransferMode:
     name: str
     official: str | None
     trains: str
+    no_autograd: tuple[Literal["backbone", "language_backbone", "tower"], ...]
     trainable: Callable[[GLIP, TrainConfig], Iterable[nn.Parameter]]
     eval_parts: Callable[[GLIP, TrainConfig], Iterable[nn.Module]]
     artifact: ArtifactKind
@@ -109,8 +113,11 @@ MODES: dict[str, TransferMode] = {
         TransferMode(
             name="full",
             official="full",
-            trains="every parameter but the Swin stages frozen by train.freeze_backbone_at (official "
-            "MODEL.BACKBONE.FREEZE_CONV_BODY_AT; 2: the patch embedding and stage 1, kept in eval mode)",
+            trains=(
+                "every parameter but the Swin stages frozen by train.freeze_backbone_at (official "
+                "MODEL.BACKBONE.FREEZE_CONV_BODY_AT; 2: the patch embedding and stage 1, kept in eval mode)"
+            ),
+            no_autograd=(),
             trainable=_full_trains,
             eval_parts=_full_eval,
             artifact=ArtifactKind.WEIGHTS,
@@ -119,8 +126,11 @@ MODES: dict[str, TransferMode] = {
         TransferMode(
             name="prompt",
             official="language_prompt_v2",
-            trains="a zero-initialised [max_query_len, C_text] offset added to BERT's output (the "
-            "official rpn.tunable_linear); everything else frozen and in eval mode",
+            trains=(
+                "a zero-initialised [max_query_len, C_text] offset added to BERT's output (the "
+                "official rpn.tunable_linear); everything else frozen and in eval mode"
+            ),
+            no_autograd=("backbone", "language_backbone"),
             add=_add_prompt_offset,
             trainable=lambda model, cfg: model.prompt_offset.parameters(),
             eval_parts=lambda model, cfg: [model],
@@ -130,9 +140,12 @@ MODES: dict[str, TransferMode] = {
         TransferMode(
             name="linear",
             official="linear_prob",
-            trains="the head's prediction layers (bbox_pred, centerness, dot_product_projection_text, "
-            "log_scale, bias_lang, bias0); backbone, FPN and BERT frozen in eval mode, the head in train "
-            "mode (dropout in its frozen fusion layers is active, as in the official)",
+            trains=(
+                "the head's prediction layers (bbox_pred, centerness, dot_product_projection_text, "
+                "log_scale, bias_lang, bias0); backbone, FPN and BERT frozen in eval mode, the head in train "
+                "mode (dropout in its frozen fusion layers is active, as in the official)"
+            ),
+            no_autograd=("backbone", "language_backbone", "tower"),
             trainable=lambda model, cfg: [p for _, p in model.rpn.head.predictor_parameters()],
             eval_parts=lambda model, cfg: [model.backbone, model.language_backbone, model.rpn.head.cls_logits],
             artifact=ArtifactKind.WEIGHTS,
@@ -141,8 +154,12 @@ MODES: dict[str, TransferMode] = {
         TransferMode(
             name="lora",
             official=None,
-            trains="peft LoRA adapters on the train.lora.targets modules, the base frozen; parts holding "
-            "adapters run in train mode, the rest in eval mode",
+            trains=(
+                "peft LoRA adapters on the train.lora.targets modules, the base frozen; parts holding "
+                "adapters run in train mode, the rest in eval mode"
+            ),
+            # with the default targets (fusion, head_bert); a part with adapters runs with autograd
+            no_autograd=("backbone", "language_backbone"),
             add=_add_lora,
             trainable=lambda model, cfg: lora_parameters(model),
             eval_parts=_lora_eval,
@@ -154,6 +171,7 @@ MODES: dict[str, TransferMode] = {
             name="text",
             official="language_prompt_v1",
             trains="the language backbone (BERT) alone; backbone, FPN and head frozen in eval mode",
+            no_autograd=("backbone",),
             trainable=lambda model, cfg: model.language_backbone.parameters(),
             eval_parts=lambda model, cfg: [model.backbone, model.rpn.head],
             artifact=ArtifactKind.WEIGHTS,

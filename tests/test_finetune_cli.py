@@ -89,6 +89,8 @@ def test_dry_run_prints_the_summary(data, vocab_dir):
         (["--mode", "half"], "--mode 'half'"),
         (["--json"], "--json goes with --dry-run"),
         (["--set", "train.nope=1", "--dry-run"], "unknown key 'nope'"),
+        (["--set", "train.optimizer=adam", "--dry-run"], "train.optimizer: 'adam' is not one of adamw, sgd"),
+        (["--set", "train.schedule=cosine", "--dry-run"], "is not one of plateau, multistep, constant"),
         (["--set", "train.lora.targets=[nothing]", "--mode", "lora", "--dry-run"], "matched no module"),
         (["--weights", "/nonexistent.pth", "--dry-run"], "file not found"),
     ],

@@ -674,6 +674,36 @@ def test_load_adapter_checks_base_and_caption(tmp_path):
         load_adapter(m, tmp_path / "nope", base_hash=None, caption=None)
 
 
+def test_prompt_artifact_written_by_earlier_versions_still_applies(tmp_path):
+    """The prompt.safetensors format, written here byte for byte as earlier versions wrote it."""
+    from safetensors.torch import save_file
+
+    from glip_transfer.training.artifacts import apply_adapter, state_sha256
+
+    model = tiny()
+    offset = torch.randn(256, 32)
+    meta = {
+        "format": "glip-transfer-adapter",
+        "mode": "prompt",
+        "caption": "red. blue",
+        "recipe": "",
+        "base_sha256": state_sha256(model),
+        "variant": "test-tiny",
+        "shots": "0",
+    }
+    save_file({"prompt_offset": offset}, str(tmp_path / "prompt.safetensors"), metadata=meta)
+    apply_adapter(model, tmp_path, captions=["red. blue"])
+    assert torch.equal(model.prompt_offset.weight, offset)
+
+
+def test_checkpoints_of_earlier_versions_name_the_prompt_offset_as_they_did():
+    from glip_transfer.training.state import trained_tensors
+
+    saved = {"param/prompt_offset": torch.ones(2, 3), "param/rpn.head.bias0": torch.zeros(1)}
+    got = trained_tensors(saved, "param/", ["rpn.tunable_linear.weight", "rpn.head.bias0", "missing"])
+    assert set(got) == {"rpn.tunable_linear.weight", "rpn.head.bias0"} and got["rpn.tunable_linear.weight"].sum() == 6
+
+
 def test_prompt_offset_is_applied_by_the_model_forward():
     """Adding the offset to the text features by hand gives what the model with the offset computes."""
     model = tiny().eval()

@@ -159,7 +159,8 @@ def _seed_summary(summaries, folder: Path) -> None:
 @handle_errors
 def finetune_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Base model: official GLIP .pth or .safetensors."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Base model: a name (glip weights list) or an official .pth / .safetensors "
+                                "[default: glip-t; with --variant and no --weights: random initial weights]."),
     mode: str = typer.Option("full", "--mode", "-m", help=MODE_HELP),
     shots: int = typer.Option(0, "--shots", min=0, help="K-shot training subset (1, 3, 5, 10; 0 = all data)."),
     seeds: str = typer.Option(None, "--seeds", help="Few-shot draws to run, e.g. 3,30,300 (mean ± std reported)."),
@@ -192,6 +193,8 @@ def finetune_command(
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if as_json and not dry_run:
         fail("--json goes with --dry-run")
+    if weights is None and variant is None:
+        weights = "glip-t"
     seed_list = _parse_seeds(seeds)
     if seed_list and not shots:
         err_console.print("[yellow]note:[/] --seeds draws few-shot subsets; without --shots every seed trains on all the data")
@@ -205,7 +208,7 @@ def finetune_command(
 @handle_errors
 def pretrain_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe whose train split is the (detection) data."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Initial weights (official .pth or .safetensors)."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Initial weights: a name (glip weights list) or an official .pth / .safetensors."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder [runs/pretrain/RECIPE]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a run in --out."),

@@ -170,7 +170,7 @@ def finetune_command(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a finished or unfinished run in --out."),
     sets: list[str] = typer.Option(None, "--set", help="Override: train.lr=1e-4, train.lora.rank=16, model.head.gradient_checkpointing=true, evaluation.min_size=600"),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help="Folder the recipe's paths are under (glip data download fills it)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build everything, print the trainable parameters, exit."),

@@ -62,7 +62,7 @@ def safe_name(name: str) -> str:
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
     weights: str = typer.Option("glip-t", "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors."),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help="Folder the recipe's paths are under (glip data download fills it)."),
     split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE]."),
@@ -84,6 +84,7 @@ def eval_command(
     from ..checkpoint import load_model
     from ..config import apply_overrides
     from ..data import DetectionDataset, load_coco, make_loader
+    from ..datasets import download_hint
     from ..evaluation import coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
     from ..inference import EncodedPrompt, evaluate_dataset
     from ..prompts import load_tokenizer
@@ -102,9 +103,9 @@ def eval_command(
     ann_file = data_root / files.ann_file
     img_dir = data_root / files.img_dir
     if not ann_file.is_file():
-        fail(f"{ann_file}: annotation file of recipe {rec.name} not found; check --data-root (now {data_root})")
+        fail(f"{ann_file}: annotation file of recipe {rec.name} not found; check --data-root (now {data_root}){download_hint(rec, data_root)}")
     if not img_dir.is_dir():
-        fail(f"{img_dir}: image folder of recipe {rec.name} not found; check --data-root (now {data_root})")
+        fail(f"{img_dir}: image folder of recipe {rec.name} not found; check --data-root (now {data_root}){download_hint(rec, data_root)}")
 
     out = out or Path("runs") / "zeroshot" / safe_name(rec.name)
     partial_path = out / PARTIAL

@@ -120,10 +120,12 @@ def split_files(rec, split: str, data_root: Path) -> tuple[Path, Path]:
     files = rec.split(split)
     ann = Path(files.ann_file) if Path(files.ann_file).is_absolute() else data_root / files.ann_file
     img = Path(files.img_dir) if Path(files.img_dir).is_absolute() else data_root / files.img_dir
+    from ..datasets import download_hint
+
     if not ann.is_file():
-        raise FileNotFoundError(f"{ann}: {split} annotation file of {rec.name} not found; check --data-root (now {data_root})")
+        raise FileNotFoundError(f"{ann}: {split} annotation file of {rec.name} not found; check --data-root (now {data_root}){download_hint(rec, data_root)}")
     if not img.is_dir():
-        raise FileNotFoundError(f"{img}: {split} image folder of {rec.name} not found; check --data-root (now {data_root})")
+        raise FileNotFoundError(f"{img}: {split} image folder of {rec.name} not found; check --data-root (now {data_root}){download_hint(rec, data_root)}")
     return ann, img
 
 

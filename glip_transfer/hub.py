@@ -217,7 +217,7 @@ def download_file(repo: str, filename: str, *, local_dir: str | os.PathLike | No
     _check_free_space(folder, meta.size or expected_bytes, filename, alternative)
     kwargs = {}
     if "tqdm_class" in inspect.signature(hf_hub_download).parameters:
-        kwargs["tqdm_class"] = RichDownloadBar
+        kwargs["tqdm_class"] = type("RichDownloadBar", (RichDownloadBar,), {"label": f"download {filename}"})
     try:
         path = Path(hf_hub_download(repo, filename, local_dir=local_dir, **kwargs))
     except Exception as e:  # noqa: BLE001
@@ -311,12 +311,15 @@ def _note(message: str) -> None:
 
 class RichDownloadBar:
     """The progress bar huggingface_hub drives during a download (its ``tqdm_class``: it calls
-    ``update(n)`` and ``close()`` and uses it as a context manager), drawn with Rich."""
+    ``update(n)`` and ``close()`` and uses it as a context manager), drawn with Rich; ``label``
+    replaces the truncated URL huggingface_hub would show."""
+
+    label: str | None = None
 
     def __init__(self, *args, total: int | None = None, initial: int = 0, desc: str | None = None, **kwargs):
         self._progress = bytes_progress()
         self._progress.start()
-        self._task = self._progress.add_task(f"download {desc or ''}".strip(), total=total, completed=initial)
+        self._task = self._progress.add_task(self.label or f"download {desc or ''}".strip(), total=total, completed=initial)
 
     def update(self, n: int = 1) -> None:
         self._progress.advance(self._task, n)

@@ -651,14 +651,14 @@ def split_paths(recipe: Recipe, split: str, data_root: Path) -> tuple[Path, Path
     path and ``--data-root``) when either is missing."""
     files = recipe.split(split)
     ann, images = data_root / files.ann_file, data_root / files.img_dir  # an absolute path replaces data_root
-    if not ann.is_file():
-        raise FileNotFoundError(
-            f"{ann}: {split} annotation file of recipe {recipe.name} not found; check --data-root (now {data_root})"
-        )
-    if not images.is_dir():
-        raise FileNotFoundError(
-            f"{images}: {split} image folder of recipe {recipe.name} not found; check --data-root (now {data_root})"
-        )
+    for path, what, exists in ((ann, "annotation file", ann.is_file()), (images, "image folder", images.is_dir())):
+        if not exists:
+            from .datasets import download_hint  # datasets imports this module: only on the error path
+
+            raise FileNotFoundError(
+                f"{path}: {split} {what} of recipe {recipe.name} not found; check --data-root (now {data_root})"
+                f"{download_hint(recipe, data_root)}"
+            )
     return ann, images
 
 

@@ -193,3 +193,21 @@ def test_glip_predict_cli_from_official_checkpoint(model, ref, reference_dir, vo
     labels = torch.tensor([CATEGORIES.index(d["label"]) + 1 for d in dets])
     assert_detections_match(boxes, scores, labels, ref)
     assert (tmp_path / "vis" / "astronaut.png").exists()
+
+    # the model-only conversion gives the very same detections and the same inspection
+    converted = tmp_path / "glip_t.safetensors"
+    done = subprocess.run(glip_command() + ["weights", "convert", str(weights), str(converted)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    converted_json = tmp_path / "converted.json"
+    cmd[cmd.index(str(weights))] = str(converted)
+    cmd[cmd.index(str(out_json))] = str(converted_json)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(converted_json.read_text())[0]["detections"] == dets
+    inspected = []
+    for w in (weights, converted):
+        out = subprocess.run(glip_command() + ["inspect", str(w), "--json"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        info = json.loads(out.stdout)
+        inspected.append({k: v for k, v in info.items() if k not in ("path", "format")})
+    assert inspected[0] == inspected[1] and inspected[0]["keys"]["ok"] and inspected[0]["detected_variant"] == "glip-t"

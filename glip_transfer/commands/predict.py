@@ -55,7 +55,7 @@ def output_names(paths: list[Path]) -> list[str]:
 @handle_errors
 def predict_command(
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="Official GLIP .pth or glip-transfer .safetensors."),
+    weights: str = typer.Option("glip-t", "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors."),
     variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l (detected when omitted)."),
     classes: str = typer.Option(None, "--classes", "-c", help='Category names, comma separated: "person,dog".'),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Free text; see --phrase."),

@@ -184,7 +184,8 @@ def _seed_summary(summaries, folder: Path) -> None:
 @handle_errors
 def finetune_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Base model: official GLIP .pth or .safetensors."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Base model: a name (glip weights list) or an official .pth / .safetensors "
+                                "[default: glip-t; with --variant and no --weights: random initial weights]."),
     mode: str = typer.Option("full", "--mode", "-m", help=MODE_HELP),
     shots: int = typer.Option(0, "--shots", min=0, help="K-shot training subset (1, 3, 5, 10; 0 = all data)."),
     seeds: str = typer.Option(None, "--seeds", help="Few-shot draws to run, e.g. 3,30,300 (mean ± std reported)."),
@@ -199,7 +200,13 @@ def finetune_command(
         help="Override: train.lr=1e-4, train.lora.rank=16, model.head.gradient_checkpointing=true, "
         "evaluation.min_size=600",
     ),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
+    data_root: Path = typer.Option(
+        Path("DATASET"),
+        "--data-root",
+        "-d",
+        envvar="GLIP_DATA",
+        help="Folder the recipe's paths are under (glip data download fills it).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build everything, print the trainable parameters, exit."),
@@ -222,6 +229,8 @@ def finetune_command(
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if as_json and not dry_run:
         fail("--json goes with --dry-run")
+    if weights is None and variant is None:
+        weights = "glip-t"
     seed_list = _parse_seeds(seeds)
     if seed_list and not shots:
         err_console.print(
@@ -256,7 +265,7 @@ def finetune_command(
 @handle_errors
 def pretrain_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe whose train split is the (detection) data."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Initial weights (official .pth or .safetensors)."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Initial weights: a name (glip weights list) or an official .pth / .safetensors."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder [runs/pretrain/RECIPE]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a run in --out."),

@@ -58,8 +58,8 @@ def load_partial(path: Path) -> tuple[set, list[dict]]:
 @handle_errors
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="Official GLIP .pth or .safetensors."),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
+    weights: str = typer.Option("glip-t", "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors."),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help="Folder the recipe's paths are under (glip data download fills it)."),
     split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE]."),

@@ -18,7 +18,6 @@ checkpoint (or, for a prompt offset, another caption) with a one-line :class:`Ad
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_write, read_safetensors
+from ..checkpoint import CheckpointError, atomic_write, read_safetensors, weights_sha256
 from ..model.glip import GLIP
 from .lora import LORA_MARK, load_lora_folder, lora_config_json
 
@@ -62,22 +61,6 @@ class ArtifactKind(str, enum.Enum):
 # --------------------------------------------------------------------------- base identity
 
 
-@functools.lru_cache(maxsize=16)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, computed once per process for a given (path, size, mtime)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return _file_sha256(str(p), st.st_size, st.st_mtime_ns)
-
-
 def state_sha256(model: nn.Module) -> str:
     """For a model built without a weights file (``--variant``): ``state:`` + the sha256 of its
     parameters and buffers (names, shapes, bytes) in name order, without what adapters add (LoRA
@@ -95,9 +78,11 @@ def state_sha256(model: nn.Module) -> str:
 
 
 def base_hash(weights: str | os.PathLike | None, model: nn.Module | None = None) -> str:
-    """The identity of a base model: the weights file's sha256, or :func:`state_sha256`."""
+    """The identity of a base model: its weights' sha256 (``checkpoint.weights_sha256``: the same
+    for an official ``.pth`` and its model-only copy; a name resolves to its file), or
+    :func:`state_sha256`."""
     if weights is not None:
-        return file_sha256(weights)
+        return weights_sha256(weights)
     if model is None:
         raise ValueError("base_hash needs the weights file or the model")
     return state_sha256(model)

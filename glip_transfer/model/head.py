@@ -101,18 +101,23 @@ class DyConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, visual: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the CPU deformable kernel gathers rows of a channels-last copy of its input: make it once
+        # per level for the three convolutions that read the level (same values, another layout)
+        sampled = visual
+        if visual[0].device.type == "cpu":
+            sampled = [f.contiguous(memory_format=torch.channels_last) for f in visual]
         out = []
         for level, feature in enumerate(visual):
             offset_mask = self.offset(feature)
             offset = offset_mask[:, :18]
             mask = offset_mask[:, 18:].sigmoid()
-            terms = [self.DyConv[1](feature, offset, mask)]
+            terms = [self.DyConv[1](sampled[level], offset, mask)]
             if level > 0:
-                terms.append(self.DyConv[2](visual[level - 1], offset, mask))
+                terms.append(self.DyConv[2](sampled[level - 1], offset, mask))
             if level < len(visual) - 1:
                 h, w = visual[level + 1].shape[-2:]
                 upper = self.DyConv[0](
-                    visual[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
+                    sampled[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
                 )
                 terms.append(F.interpolate(upper, size=feature.shape[-2:], mode="bilinear", align_corners=True))
             stacked = torch.stack(terms)  # [n_terms, B, C, H, W]

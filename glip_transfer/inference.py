@@ -1,6 +1,7 @@
 """Batched inference shared by ``glip predict``, ``glip zeroshot eval`` and evaluation during
-training: prompts are encoded by BERT once per chunk and reused for every image; a prompt split
-into chunks runs once per chunk per image and the detections are merged per image.
+training: prompts are encoded by BERT once per chunk and reused for every image; for a prompt split
+into chunks the image backbone runs once per batch and the fused head once per chunk, and the
+detections are merged per image.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def autocast(device: torch.device, enabled: bool):
 
 def _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text) -> list[Detections]:
     device = images.device
+    # the image side (Swin + FPN) once per batch; only the fused head and the decoding run per chunk
+    features = model.backbone(images) if len(prompt.chunks) > 1 else None
     per_chunk = []
     first_label = 0
     for index, chunk in enumerate(prompt.chunks):
@@ -97,7 +100,7 @@ def _detect_batch(model, images, image_sizes, prompt, prompt_offset, cache_text)
             text = prompt.features(model, index, device)
         else:
             text = model.encode_text(prompt.input_ids[index].to(device), prompt.attention_masks[index].to(device))
-        dets = model.detect(images, image_sizes, text, chunk.positive_map.to(device), prompt_offset)
+        dets = model.detect(images, image_sizes, text, chunk.positive_map.to(device), prompt_offset, features)
         for d in dets:
             d.labels = d.labels + first_label
         per_chunk.append(dets)

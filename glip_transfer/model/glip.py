@@ -42,9 +42,14 @@ class GLIP(nn.Module):
         return self.language_backbone(input_ids, attention_mask)
 
     def forward(
-        self, images: torch.Tensor, text: TextFeatures, prompt_offset: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        text: TextFeatures,
+        prompt_offset: torch.Tensor | None = None,
+        features: list[torch.Tensor] | None = None,
     ) -> tuple[HeadOutputs, list[torch.Tensor]]:
-        features = self.backbone(images)
+        """``features``: ``self.backbone(images)`` when already computed (prompt chunks share it)."""
+        features = self.backbone(images) if features is None else features
         text = text.expand(images.shape[0])
         if prompt_offset is not None:
             text = text.with_offset(prompt_offset)
@@ -60,10 +65,12 @@ class GLIP(nn.Module):
         text: TextFeatures,
         positive_map: torch.Tensor,
         prompt_offset: torch.Tensor | None = None,
+        features: list[torch.Tensor] | None = None,
     ) -> list[Detections]:
         """Detections per image in resized-image coordinates; labels index the rows of
         ``positive_map [L, T]`` (1-based). Under autocast the network runs in reduced precision;
-        the decoding always runs in float32.
+        the decoding always runs in float32. ``features``: the backbone's output for ``images``
+        when already computed (the chunks of a long prompt share it; only the head runs per chunk).
 
         Padding positions after the last real token are dropped first: they cannot change the
         visual features (the image-to-text softmax gives them zero weight) nor any real token's
@@ -73,7 +80,7 @@ class GLIP(nn.Module):
         mapped = positive_map.nonzero()
         length = max(text.used_length(), int(mapped[:, 1].max()) + 1 if len(mapped) else 0)
         text, positive_map = text.truncate(length), positive_map[:, :length]
-        outputs, anchors = self(images, text, prompt_offset)
+        outputs, anchors = self(images, text, prompt_offset, features)
         outputs = HeadOutputs(*([t.float() for t in field] for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)))
         return postprocess(outputs, anchors, positive_map.float(), image_sizes, self.cfg.postprocess)
 

@@ -8,7 +8,8 @@ import warnings
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -80,6 +81,15 @@ def default_tokenizer(given: str | None = None, fallback: str = "bert-base-uncas
     return given or os.environ.get("GLIP_TOKENIZER") or fallback
 
 
+class RateColumn(ProgressColumn):
+    """Throughput of a task: completed units per second (the task's ``unit`` field, default "it")."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:.2f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+
 def progress_bar(transient: bool = False) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -87,6 +97,7 @@ def progress_bar(transient: bool = False) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        RateColumn(),
         TextColumn("{task.fields[info]}"),
         console=Console(stderr=True),
         transient=transient,

@@ -29,7 +29,7 @@ def evaluate(
     from ..inference import evaluate_dataset
 
     prompt.clear_cache()
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers)
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     was_training = model.training
     with torch.random.fork_rng(devices=[]):  # evaluation never moves the training random streams
         results = evaluate_dataset(model, loader, prompt, device=device, prompt_offset=prompt_offset, amp=amp, progress=progress)

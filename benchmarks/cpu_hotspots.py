@@ -1,7 +1,7 @@
 """CPU hot spots of the GLIP-T forward, before and after, measured in ONE run.
 
-The "before" code paths (the CPU deformable convolution and the DyConv level loop and Swin window
-attention as of commit 4b7a6b5) are kept here, verbatim in function, and swapped in by patching
+The "before" code paths (the CPU deformable convolution, DyConv's level loop, DyReLU, Swin window
+attention and the fusion's probabilities as of commit 4b7a6b5) are kept here, and swapped in by patching
 the model's modules; every repetition times both paths back to back (alternating which goes
 first), so machine drift and other processes hit both alike. CPU time (``time.process_time``) of
 one ``GLIP.detect`` per timing; the median is reported. Also: the detections of both paths
@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from glip_transfer.config import variant_config
-from glip_transfer.model import deform, head, swin
+from glip_transfer.model import deform, fusion, head, swin
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.postprocess import match_detections, postprocess
 from glip_transfer.reference import apply_deterministic_weights
@@ -94,7 +94,8 @@ def before_window_attention(self, x, mask=None):
 
 
 def before_dyconv(self, visual):
-    """DyConv's level loop of 4b7a6b5 (each convolution makes its own channels-last copy)."""
+    """DyConv's level loop of 4b7a6b5 (each convolution makes its own channels-last copy; the terms
+    stacked)."""
     out = []
     for level, feature in enumerate(visual):
         offset_mask = self.offset(feature)
@@ -115,20 +116,51 @@ def before_dyconv(self, visual):
     return out
 
 
+def before_dyrelu(self, x):
+    """DyReLU of 4b7a6b5 (six full-size temporaries)."""
+    b, c = x.shape[:2]
+    y = head.h_sigmoid(self.fc(x.mean(dim=(2, 3)))).view(b, 4 * c, 1, 1)
+    a1, b1, a2, b2 = torch.split(y, c, dim=1)
+    a1 = (a1 - 0.5) * 2 + 1.0
+    a2 = (a2 - 0.5) * 2
+    return torch.max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5)
+
+
+def before_scores_to_probs(self, scores, mask_l, visual_dim, text_dim):
+    """The fusion's two softmaxes of 4b7a6b5 (explicit max subtraction and clamp, mask always filled)."""
+    scores = scores.clamp(-fusion.CLAMP, fusion.CLAMP)
+    scores_t = (scores - scores.amax(dim=visual_dim, keepdim=True)).clamp(-fusion.CLAMP, fusion.CLAMP)
+    probs_l = scores_t.softmax(dim=visual_dim)
+    if mask_l is not None:
+        shape = [mask_l.shape[0], 1, 1, 1]
+        shape[text_dim] = mask_l.shape[1]
+        scores = scores.masked_fill(mask_l.view(shape) == 0, torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=text_dim), probs_l
+
+
+BEFORE = [  # (owner, attribute, the before code)
+    (head, "modulated_deform_conv3x3", before_deform_conv3x3),
+    (swin.WindowAttention, "forward", before_window_attention),
+    (head.DyConv, "forward", before_dyconv),
+    (head.DyReLU, "forward", before_dyrelu),
+    (fusion.BiMultiHeadAttention, "_scores_to_probs", before_scores_to_probs),
+]
+
+
 @contextlib.contextmanager
 def code_path(name: str):
-    """Run the model with the ``before`` kernels patched in, or as it is (``after``)."""
+    """Run the model with the ``before`` code patched in, or as it is (``after``)."""
     if name == "after":
         yield
         return
-    saved = (head.modulated_deform_conv3x3, swin.WindowAttention.forward, head.DyConv.forward)
-    head.modulated_deform_conv3x3 = before_deform_conv3x3
-    swin.WindowAttention.forward = before_window_attention
-    head.DyConv.forward = before_dyconv
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in BEFORE]
+    for owner, attr, code in BEFORE:
+        setattr(owner, attr, code)
     try:
         yield
     finally:
-        head.modulated_deform_conv3x3, swin.WindowAttention.forward, head.DyConv.forward = saved
+        for owner, attr, code in saved:
+            setattr(owner, attr, code)
 
 
 # --------------------------------------------------------------------------- measurements

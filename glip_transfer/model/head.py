@@ -67,7 +67,8 @@ class DyReLU(nn.Module):
         a1, b1, a2, b2 = torch.split(y, c, dim=1)
         a1 = (a1 - 0.5) * 2 + 1.0
         a2 = (a2 - 0.5) * 2
-        return torch.max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5)
+        # max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5), the same operations, two full-size buffers
+        return torch.maximum((x * a1).add_(b1).sub_(0.5), (x * a2).add_(b2).sub_(0.5))
 
 
 def _offset_for_smaller_output(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -120,9 +121,12 @@ class DyConv(nn.Module):
                     sampled[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
                 )
                 terms.append(F.interpolate(upper, size=feature.shape[-2:], mode="bilinear", align_corners=True))
-            stacked = torch.stack(terms)  # [n_terms, B, C, H, W]
-            attn = h_sigmoid(torch.stack([self.AttnConv(t) for t in terms]))  # [n_terms, B, 1, 1, 1]
-            out.append(self.relu((stacked * attn).mean(dim=0)))
+            # the scale-attention-weighted mean of the terms, (stack(terms) * attn).mean(0) term by
+            # term: the same floats without the stacked copies
+            fused = terms[0] * h_sigmoid(self.AttnConv(terms[0]))
+            for term in terms[1:]:
+                fused = fused.add_(term * h_sigmoid(self.AttnConv(term)))
+            out.append(self.relu(fused.div_(len(terms))))
         return out
 
 

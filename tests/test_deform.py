@@ -56,7 +56,7 @@ def _grads(fn, inputs, grad_out):
 
 @pytest.fixture(params=[None, 7, 1 << 19], ids=["default-chunk", "chunk-7", "chunk-big"])
 def chunk(request, monkeypatch):
-    """Run with several chunk sizes: 7 values -> 1 position per chunk; (~1 << 19) -> one chunk."""
+    """Run with several chunk sizes: 7 values -> 1 position per chunk; 1 << 19 -> one chunk here."""
     if request.param is not None:
         monkeypatch.setattr(deform, "_CHUNK_VALUES", request.param)
 

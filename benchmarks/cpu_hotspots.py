@@ -9,9 +9,11 @@ compared, the parity errors of both against the official run (``../shared/refere
 present), the GFLOP/s of the main GEMMs (profiler FLOP counts / self time) against this machine's
 measured sgemm peak, and the load average (``uptime``) at the start and the end.
 
-    python benchmarks/cpu_hotspots.py [--size 800x800] [--threads 1] [--repeats 5] [--out benchmarks/results]
+    python benchmarks/cpu_hotspots.py [--size 800x800] [--threads 1] [--repeats 5] [--malloc keep|default]
+                                      [--out benchmarks/results]
 
-Writes ``cpu_hotspots.json`` and ``cpu_hotspots.md`` in ``--out``.
+Writes ``cpu_hotspots.json`` / ``.md`` (``cpu_hotspots_malloc_default.*`` with ``--malloc default``)
+in ``--out``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from glip_transfer.allocator import keep_freed_memory
 from glip_transfer.config import variant_config
 from glip_transfer.model import deform, fusion, head, swin
 from glip_transfer.model.glip import build_glip
@@ -277,8 +280,13 @@ def main() -> None:
     parser.add_argument("--size", default="800x800", help="input HxW (multiples of 32)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="timings per code path (after one warm-up each)")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: glibc keeps freed memory, as the glip command sets it (glip_transfer.allocator); "
+                             "default: glibc's defaults (page faults every forward)")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.malloc == "keep" and not keep_freed_memory():
+        raise SystemExit("--malloc keep: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES set); use --malloc default")
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     h, w = (int(v) for v in args.size.lower().split("x"))
@@ -334,7 +342,7 @@ def main() -> None:
             summary[p][f"{part}_s"] = round(statistics.median(x[part] for x in parts[p]), 3)
     load_end = os.getloadavg()
     machine = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.threads} thread(s), torch {torch.__version__}"
-    result = {"machine": machine, "size": args.size, "threads": args.threads, "repeats": args.repeats,
+    result = {"machine": machine, "size": args.size, "threads": args.threads, "repeats": args.repeats, "malloc": args.malloc,
               "loadavg_start": load_start, "loadavg_end": load_end, "sgemm_peak_gflop_per_s": round(peak, 1),
               "timing": summary, "detections_before_vs_after": same, "gemms": gemms, "parity_max_errors": parity}  # fmt: skip
 
@@ -367,8 +375,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_hotspots.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# CPU hot spots: GLIP-T detect at {args.size}, {args.threads} thread(s)", "", f"Machine: {machine}; "
+    stem = "cpu_hotspots" if args.malloc == "keep" else "cpu_hotspots_malloc_default"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# CPU hot spots: GLIP-T detect at {args.size}, {args.threads} thread(s), malloc {args.malloc}", "", f"Machine: {machine}; "
              f"sgemm peak {peak:.1f} GFLOP/s; load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end.", "",
              f"CPU seconds per image, before/after interleaved in one run, median of {args.repeats}:", "",
              "| path | median s | min s | " + " | ".join(c.removesuffix("_s").replace("_", " ") + " s" for c in cols[2:]) + " |",
@@ -385,7 +394,7 @@ def main() -> None:
         lines += ["", "Max abs error against the official run (astronaut, 500x500):", "", "| tensor | before | after |", "|---|---|---|"]
         for key in parity["before"]:
             lines.append(f"| {key} | {parity['before'][key]} | {parity['after'][key]} |")
-    (out / "cpu_hotspots.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ app.command("inspect")(inspect_command)
 
 
 def main() -> None:  # pragma: no cover - the console script
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # batches reuse the memory of the last one (no page faults per forward)
     app()
 
 

@@ -165,3 +165,22 @@ def test_detect_batch_of_mixed_sizes_equals_batch_one(model, mixed):
         alone = detect_batch(model, *pad_batch([image], 32), prompt)[0]
         m = match_detections(alone, dets, score_tol=1e-4)
         assert len(alone) > 0 and m["matched"] == m["a"] == m["b"]
+
+
+def test_split_by_padded_size_rebuilds_each_images_own_input():
+    from glip_transfer.inference import split_by_padded_size
+    from glip_transfer.transforms import pad_batch
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, h, w, generator=g) for h, w in ((40, 60), (64, 30), (33, 64), (64, 64))]
+    batch, sizes = pad_batch(images, 32)  # [4, 3, 64, 64]; alone: 64x64, 64x32, 64x64, 64x64
+    groups = split_by_padded_size(batch, sizes, 32)
+    assert [indices for indices, _ in groups] == [[0, 2, 3], [1]]  # in order of first appearance
+    assert [tuple(sub.shape) for _, sub in groups] == [(3, 3, 64, 64), (1, 3, 64, 32)]
+    for indices, sub in groups:
+        for j, i in enumerate(indices):
+            alone, _ = pad_batch([images[i]], 32)
+            assert torch.equal(sub[j : j + 1], alone)
+    same, _ = pad_batch([images[0], images[2]], 32)
+    [(indices, sub)] = split_by_padded_size(same, [sizes[0], sizes[2]], 32)
+    assert indices == [0, 1] and sub is same  # already one padded size: no copy

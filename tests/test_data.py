@@ -15,8 +15,10 @@ from glip_transfer.config import InputConfig
 from glip_transfer.data import (
     DataError,
     DetectionDataset,
+    SizeGroupedBatchSampler,
     TrainingDataset,
     coco_boxes_to_xyxy,
+    default_workers,
     load_coco,
     load_image,
     make_loader,
@@ -258,9 +260,33 @@ def test_detection_dataset_and_loader(tmp_path):
     assert info["image_id"] == 1 and info["original_size"] == (30, 40) == info["loaded_size"]
     assert info["resized_size"] == (32, 42) and image.shape == (3, 32, 42)
     assert info["file"].endswith("a.png")
-    images, sizes, infos = next(iter(make_loader(ds, batch_size=2, workers=0)))
+    assert info["index"] == 0 and ds[1][1]["index"] == 1
+    # different padded sizes (32x64 and 64x32): never padded together, whatever the batch size
+    assert ds.padded_sizes() == [(32, 64), (64, 32)]
+    batches = list(make_loader(ds, batch_size=2, workers=0))
+    assert [b[0].shape for b in batches] == [(1, 3, 32, 64), (1, 3, 64, 32)]
+    assert [b[1] for b in batches] == [[(32, 42)], [(48, 32)]] and [b[2][0]["image_id"] for b in batches] == [1, 2]
+    # collate itself still pads a mixed batch to its largest image
+    images, sizes, infos = ds.collate([ds[0], ds[1]])
     assert images.shape == (2, 3, 64, 64) and sizes == [(32, 42), (48, 32)]
-    assert [i["image_id"] for i in infos] == [1, 2]
+
+
+def test_size_grouped_batch_sampler():
+    keys = ["a", "b", "a", "a", "c", "b", "a", "a"]
+    sampler = SizeGroupedBatchSampler(keys, 2)
+    batches = list(sampler)
+    assert batches == [[0, 2], [1, 5], [3, 6], [4], [7]]  # full batches as they fill, then the rest
+    assert len(sampler) == len(batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(keys)))
+    assert all(len({keys[i] for i in b}) == 1 for b in batches)
+    assert list(SizeGroupedBatchSampler(keys, 1)) == [[i] for i in range(len(keys))]
+    with pytest.raises(ValueError):
+        SizeGroupedBatchSampler(keys, 0)
+
+
+def test_default_workers():
+    assert default_workers("cpu") in (0, 1)
+    assert 1 <= default_workers("cuda") <= 8
 
 
 def test_missing_images_skipped_with_warning(tmp_path):

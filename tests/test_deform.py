@@ -60,7 +60,7 @@ def _grads(fn, inputs, grad_out):
 
 @pytest.fixture(params=[None, 7, 1 << 19], ids=["default-chunk", "chunk-7", "chunk-big"])
 def chunk(request, monkeypatch):
-    """Run with several chunk sizes: 7 values -> 1 position per chunk; (~1 << 19) -> one chunk."""
+    """Run with several chunk sizes: 7 values -> 1 position per chunk; 1 << 19 -> one chunk here."""
     if request.param is not None:
         monkeypatch.setattr(deform, "_CHUNK_VALUES", request.param)
 
@@ -141,3 +141,17 @@ def test_shape_errors():
         modulated_deform_conv3x3(x, offset, mask, weight, bias, 2)
     with pytest.raises(ValueError):
         modulated_deform_conv3x3(x, offset, mask, weight[:, :2], bias, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_input(stride):
+    """An input in channels-last memory format (DyConv shares one such copy per level) gives the same
+    result and the same gradients."""
+    inputs = _inputs(9, 7, stride, torch.float64)
+    grad_out = torch.randn(_reference(*inputs, stride).shape, dtype=torch.float64)
+    plain, plain_grads = _grads(lambda *a: modulated_deform_conv3x3(*a, stride), inputs, grad_out)
+    x_cl = inputs[0].contiguous(memory_format=torch.channels_last)
+    last, last_grads = _grads(lambda *a: modulated_deform_conv3x3(*a, stride), (x_cl, *inputs[1:]), grad_out)
+    assert torch.equal(plain, last)
+    for a, b in zip(plain_grads, last_grads):
+        assert torch.equal(a, b)

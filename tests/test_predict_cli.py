@@ -197,3 +197,29 @@ def test_inspect(weights):
     assert sum(info["parameters_by_part"].values()) == info["parameters"]
     table = run("inspect", weights)
     assert table.exit_code == 0 and "all" in table.output and "match" in table.output
+
+
+def test_predict_independent_of_batch_size_on_mixed_sizes(weights, vocab_dir, tmp_path):
+    """Images of several sizes, batched 3 at a time (and loaded by 2 workers): each image's
+    detections equal batch 1's, records in input order."""
+    from test_inference import mixed_size_dataset
+
+    _, folder = mixed_size_dataset(tmp_path / "mixed")
+    data = {}
+    for batch_size, workers in ((1, 0), (3, 2)):
+        out = tmp_path / f"b{batch_size}.json"
+        result = predict(weights, vocab_dir, folder, "--classes", "red square,dog", "--threshold", "0", "--json", out,
+                         "--batch-size", batch_size, "--workers", workers)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        data[batch_size] = json.loads(out.read_text())
+    assert [r["image"] for r in data[1]] == [r["image"] for r in data[3]] == sorted(str(p) for p in folder.iterdir())
+    from glip_transfer.model.postprocess import Detections, match_detections
+
+    def dets(record):
+        ds = record["detections"]
+        labels = torch.tensor([["red square", "dog"].index(d["label"]) for d in ds])
+        return Detections(torch.tensor([d["box"] for d in ds]), torch.tensor([d["score"] for d in ds]), labels, labels)
+
+    for a, b in zip(data[1], data[3]):
+        m = match_detections(dets(a), dets(b), iou_threshold=0.99, score_tol=1e-4)
+        assert m["matched"] == m["a"] == m["b"] > 0 and m["max_box_diff"] <= 0.02, m

@@ -204,3 +204,20 @@ def test_help_fits_80_columns():
     result = CliRunner().invoke(app, ["zeroshot", "eval", "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
     assert result.exit_code == 0
     assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+def test_results_independent_of_batch_size_on_mixed_sizes(weights, vocab_dir, tmp_path):
+    """Images of several sizes: --batch-size 4 gives batch 1's detections, written in dataset order."""
+    from test_inference import assert_same_results, mixed_size_dataset
+
+    ann, images = mixed_size_dataset(tmp_path / "mixed")
+    order = [image["id"] for image in json.loads(ann.read_text())["images"]]
+    results = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"b{batch_size}"
+        result = zeroshot(weights, vocab_dir, "--ann", ann, "--images", images, "--out", out, "--batch-size", batch_size)
+        assert result.exit_code == 0, result.output
+        results[batch_size] = json.loads((out / "bbox.json").read_text())
+        assert list(dict.fromkeys(r["image_id"] for r in results[batch_size])) == order
+    assert len(results[1]) > 0
+    assert_same_results(results[1], results[4])

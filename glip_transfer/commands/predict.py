@@ -8,13 +8,12 @@ from pathlib import Path
 import typer
 
 from ..checkpoint import load_model
-from ..data import DataError, load_image
+from ..data import ImageFiles, default_workers, load_image, make_loader
 from ..evaluation import atomic_write_text
 from ..prompts import build_detection_prompt, phrase_prompt
 from ..recipes import Evaluation
 from ..runtime import progress_bar, resolve_device
 from ..tokenizer import default_tokenizer, load_tokenizer
-from ..transforms import pad_batch, test_transform
 from ..visualize import draw_detections, save_png
 from .common import console, err_console, fail, handle_errors
 
@@ -70,7 +69,8 @@ def predict_command(
     adapter: Path = typer.Option(None, "--adapter", help="A prompt-tuning/LoRA/fine-tuning artifact."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward (same detections at any size)."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes [default: 1 on CPU, up to 8 on CUDA]."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for annotated PNGs."),
     json_path: Path = typer.Option(None, "--json", help="Write all detections to this JSON file."),
 ):
@@ -107,46 +107,42 @@ def predict_command(
         model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
     model = model.to(dev).eval()
 
-    records: list[dict] = []
+    records: dict[int, dict] = {}
     skipped = 0
     png_names = output_names(paths)
+    # decoding, resizing and normalising in loader workers; batches of one padded size
+    dataset = ImageFiles(paths, model.cfg.input)
+    workers = default_workers(dev) if workers is None else workers
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
     with progress_bar() as bar:
-        task = bar.add_task("predict", total=len(paths), info="")
-        for start in range(0, len(paths), batch_size):
-            batch_paths = paths[start : start + batch_size]
-            pils, tensors, sizes, used = [], [], [], []
-            for i, p in enumerate(batch_paths):
-                try:
-                    pil = load_image(p)
-                except DataError as e:
-                    err_console.print(f"[yellow]skipped:[/] {e}")
+        task = bar.add_task("predict", total=len(paths), info="", unit="img")
+        for batch, image_sizes, batch_infos in loader:
+            for info in batch_infos:
+                if "error" in info:
+                    err_console.print(f"[yellow]skipped:[/] {info['error']}")
                     skipped += 1
-                    continue
-                tensor, resized = test_transform(pil, model.cfg.input)
-                pils.append(pil)
-                tensors.append(tensor)
-                sizes.append(resized)
-                used.append(start + i)
-            if tensors:
-                batch, image_sizes = pad_batch(tensors, model.cfg.input.size_divisibility)
-                dets = detect_batch(model, batch.to(dev), image_sizes, encoded, amp=amp)
-                for pil, d, resized, index in zip(pils, dets, sizes, used):
-                    d = to_original_size(d.to("cpu"), resized, (pil.height, pil.width))
+            infos = [info for info in batch_infos if "error" not in info]
+            if infos:
+                dets = detect_batch(model, batch.to(dev, non_blocking=True), image_sizes, encoded, amp=amp)
+                for d, info in zip(dets, infos):
+                    height, width = info["loaded_size"]
+                    d = to_original_size(d.to("cpu"), info["resized_size"], (height, width))
                     detections = [
                         {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": names[label - 1]}
                         for box, score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist())
                         if score >= threshold
                     ]
-                    record = {
+                    index = info["index"]
+                    records[index] = {
                         "image": str(paths[index]),
-                        "width": pil.width,
-                        "height": pil.height,
+                        "width": width,
+                        "height": height,
                         "detections": detections,
                     }
-                    records.append(record)
                     if out is not None:
-                        save_png(draw_detections(pil, detections, names), Path(out) / png_names[index])
-            bar.update(task, advance=len(batch_paths), info=f"{sum(len(r['detections']) for r in records)} detections")
+                        save_png(draw_detections(load_image(paths[index]), detections, names), Path(out) / png_names[index])
+            bar.update(task, advance=len(batch_infos), info=f"{sum(len(r['detections']) for r in records.values())} detections")
+    records = [records[i] for i in sorted(records)]  # input order, however batched
 
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(records, indent=1))

@@ -10,7 +10,7 @@ import typer
 
 from ..checkpoint import load_model
 from ..config import split_overrides
-from ..data import DetectionDataset, load_coco, make_loader
+from ..data import DetectionDataset, default_workers, load_coco, make_loader
 from ..evaluation import (
     atomic_write_text,
     coco_evaluate,
@@ -76,7 +76,7 @@ def eval_command(
     adapter: Path = typer.Option(None, "--adapter", help="A glip finetune artifact to apply."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes [default: 1 on CPU, up to 8 on CUDA]."),
     no_text_cache: bool = typer.Option(False, "--no-text-cache", hidden=True, help="Re-run BERT per batch."),
 ):
     """Evaluate on a recipe's dataset (or --ann/--images) and write COCO results and AP tables."""
@@ -134,7 +134,8 @@ def eval_command(
         err_console.print(
             f"[yellow]warning:[/] {dataset.num_missing} image(s) listed in {ann_file.name} are missing on disk: skipped"
         )
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers)
+    workers = default_workers(dev) if workers is None else workers
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
     chunks_note = f", {len(encoded.chunks)} prompt chunks" if len(encoded.chunks) > 1 else ""
     console.print(
         f"[bold]{rec.name}[/]: {len(dataset)} images ({files.img_dir}){chunks_note}; "
@@ -143,7 +144,7 @@ def eval_command(
 
     written = [len(results)]
     with open(partial_path, "a", encoding="utf-8") as partial, progress_bar() as bar:
-        task = bar.add_task("zero-shot", total=len(dataset), completed=len(done_ids), info="")
+        task = bar.add_task("zero-shot", total=len(dataset), completed=len(done_ids), info="", unit="img")
 
         def on_batch(image_ids: list, batch_results: list[dict]) -> None:
             partial.write(json.dumps({"image_ids": image_ids, "results": batch_results}) + "\n")
@@ -164,6 +165,8 @@ def eval_command(
             progress=lambda n: bar.update(task, advance=n),
         )
         results.extend(new)
+    position = {entry[0]: i for i, entry in enumerate(dataset.entries)}  # dataset order, however batched or resumed
+    results.sort(key=lambda r: position.get(r["image_id"], len(position)))
 
     if rec.evaluation.metric.startswith("lvis"):
         metrics = lvis_evaluate(ann_file, results, max_dets=ev.detections_per_img)

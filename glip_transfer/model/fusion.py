@@ -87,11 +87,15 @@ class BiMultiHeadAttention(nn.Module):
         """Both softmaxes of the shared scores (visual positions along ``visual_dim``, text tokens
         along ``text_dim``): ``(probs_v, probs_l)``, dropout applied."""
         scores = scores.clamp(-CLAMP, CLAMP)
-        # text -> image: softmax over ALL visual positions (image padding is not masked)
-        scores_t = (scores - scores.amax(dim=visual_dim, keepdim=True)).clamp(-CLAMP, CLAMP)
-        probs_l = scores_t.softmax(dim=visual_dim)
-        # image -> text: softmax over the real tokens only
-        if mask_l is not None:
+        # text -> image: softmax over ALL visual positions (image padding is not masked). The
+        # reference subtracts the max over that axis and clamps at -CLAMP first; softmax makes the
+        # same subtraction itself (the max of the shifted scores is exactly 0, so exp() gets the
+        # same arguments) and whatever the clamp changes has exp() == 0 either way: the same
+        # probabilities, bit for bit, without two passes over [B, N, heads, T]
+        probs_l = scores.softmax(dim=visual_dim)
+        # image -> text: softmax over the real tokens only (nothing to mask when all are real, as
+        # for a caption cut to its own length)
+        if mask_l is not None and not bool(mask_l.all()):
             # the reference adds -9e15; the most negative value of the dtype gives the same zeros and
             # does not overflow float16
             shape = [mask_l.shape[0], 1, 1, 1]

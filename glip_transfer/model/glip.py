@@ -117,8 +117,11 @@ class GLIP(nn.Module):
         text features of batch 1 or B."""
         return self.rpn(features, text.expand(features[0].shape[0]))
 
-    def forward(self, images: torch.Tensor, text: TextFeatures) -> tuple[HeadOutputs, list[torch.Tensor]]:
-        return self.forward_head(self.forward_features(images), text)
+    def forward(
+        self, images: torch.Tensor, text: TextFeatures, features: list[torch.Tensor] | None = None
+    ) -> tuple[HeadOutputs, list[torch.Tensor]]:
+        """``features``: ``forward_features(images)`` when already computed (prompt chunks share it)."""
+        return self.forward_head(self.forward_features(images) if features is None else features, text)
 
     @torch.no_grad()
     def detect(
@@ -127,10 +130,12 @@ class GLIP(nn.Module):
         image_sizes: list[tuple[int, int]],
         text: TextFeatures,
         positive_map: torch.Tensor,
+        features: list[torch.Tensor] | None = None,
     ) -> list[Detections]:
         """Detections per image in resized-image coordinates; labels index the rows of
         ``positive_map [L, T]`` (1-based). Under autocast the network runs in reduced precision;
-        the decoding always runs in float32.
+        the decoding always runs in float32. ``features``: the backbone's output for ``images``
+        when already computed (the chunks of a long prompt share it; only the head runs per chunk).
 
         Padding positions after the last real token are dropped first: they cannot change the
         visual features (the image-to-text softmax gives them zero weight) nor any real token's
@@ -140,7 +145,7 @@ class GLIP(nn.Module):
         mapped = positive_map.nonzero()
         length = max(text.used_length(), int(mapped[:, 1].max()) + 1 if len(mapped) else 0)
         text, positive_map = text.truncate(length), positive_map[:, :length]
-        outputs, anchors = self(images, text)
+        outputs, anchors = self(images, text, features)
         outputs = HeadOutputs(
             *(
                 [t.float() for t in field]

@@ -77,7 +77,8 @@ class DyReLU(nn.Module):
         a1, b1, a2, b2 = torch.split(y, c, dim=1)
         a1 = (a1 - 0.5) * 2 + 1.0
         a2 = (a2 - 0.5) * 2
-        return torch.max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5)
+        # max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5), the same operations, two full-size buffers
+        return torch.maximum((x * a1).add_(b1).sub_(0.5), (x * a2).add_(b2).sub_(0.5))
 
 
 def _offset_for_smaller_output(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -116,23 +117,31 @@ class DyConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, visual: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the CPU deformable kernel gathers rows of a channels-last copy of its input: make it once
+        # per level for the three convolutions that read the level (same values, another layout)
+        sampled = visual
+        if visual[0].device.type == "cpu":
+            sampled = [f.contiguous(memory_format=torch.channels_last) for f in visual]
         out = []
         for level, feature in enumerate(visual):
             offset_mask = self.offset(feature)
             offset = offset_mask[:, :18]
             mask = offset_mask[:, 18:].sigmoid()
-            terms = [self.DyConv[1](feature, offset, mask)]
+            terms = [self.DyConv[1](sampled[level], offset, mask)]
             if level > 0:
-                terms.append(self.DyConv[2](visual[level - 1], offset, mask))
+                terms.append(self.DyConv[2](sampled[level - 1], offset, mask))
             if level < len(visual) - 1:
                 h, w = visual[level + 1].shape[-2:]
                 upper = self.DyConv[0](
-                    visual[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
+                    sampled[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
                 )
                 terms.append(F.interpolate(upper, size=feature.shape[-2:], mode="bilinear", align_corners=True))
-            stacked = torch.stack(terms)  # [n_terms, B, C, H, W]
-            attn = h_sigmoid(torch.stack([self.AttnConv(t) for t in terms]))  # [n_terms, B, 1, 1, 1]
-            out.append(self.relu((stacked * attn).mean(dim=0)))
+            # the scale-attention-weighted mean of the terms, (stack(terms) * attn).mean(0) term by
+            # term: the same floats without the stacked copies
+            fused = terms[0] * h_sigmoid(self.AttnConv(terms[0]))
+            for term in terms[1:]:
+                fused = fused.add_(term * h_sigmoid(self.AttnConv(term)))
+            out.append(self.relu(fused.div_(len(terms))))
         return out
 
 

@@ -28,7 +28,7 @@ def evaluate(
     prompt offset, if any) on ``dataset`` prompted with ``prompt`` (its cached text features are
     cleared first: the language backbone may have changed)."""
     prompt.clear_cache()
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers)
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     was_training = model.training
     with torch.random.fork_rng(devices=[]):  # evaluation never moves the training random streams
         results = evaluate_dataset(model, loader, prompt, device=device, amp=amp, progress=progress)

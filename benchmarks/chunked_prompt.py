@@ -25,19 +25,20 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_eval import find_vocab  # benchmarks/ is on the path when a script in it runs
 from rich.console import Console
 from rich.table import Table
 
-from gpu_eval import find_vocab  # benchmarks/ is on the path when a script in it runs
 from glip_transfer.config import variant_config
 from glip_transfer.inference import EncodedPrompt, detect_batch
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.head import HeadOutputs
 from glip_transfer.model.language import TextFeatures
 from glip_transfer.model.postprocess import match_detections, merge_chunk_detections, postprocess
-from glip_transfer.prompts import build_detection_prompt, load_tokenizer
+from glip_transfer.prompts import build_detection_prompt
 from glip_transfer.recipes import load_recipe
 from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.tokenizer import load_tokenizer
 
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 # word pieces per LVIS v1 category name as captions write it (prompts.clean_name, bert-base-uncased): count of names with 1..5
@@ -81,7 +82,7 @@ def before(model, images, sizes, prompt):
 def batched(model, images, sizes, prompt, group: int):
     """One image; Swin + FPN once, then ``group`` chunks at a time through the head as a batch
     (captions padded to the longest of the group, masked), decoded chunk by chunk."""
-    features = model.backbone(images)
+    features = model.forward_features(images)
     per_chunk, first = [], 0
     for g0 in range(0, len(prompt.chunks), group):
         indices = list(range(g0, min(g0 + group, len(prompt.chunks))))

@@ -22,17 +22,18 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_eval import COCO_NAMES, find_vocab  # benchmarks/ is on the path when a script in it runs
 from rich.console import Console
 from rich.table import Table
 
-from gpu_eval import COCO_NAMES, find_vocab  # benchmarks/ is on the path when a script in it runs
 from glip_transfer.allocator import keep_freed_memory
 from glip_transfer.config import variant_config
 from glip_transfer.data import DetectionDataset, make_loader
 from glip_transfer.inference import EncodedPrompt, evaluate_dataset
 from glip_transfer.model.glip import build_glip
-from glip_transfer.prompts import build_detection_prompt, load_tokenizer
+from glip_transfer.prompts import build_detection_prompt
 from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.tokenizer import load_tokenizer
 
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 ASPECTS = ((4, 3), (3, 4), (16, 9), (1, 1))  # (w, h)

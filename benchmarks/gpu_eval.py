@@ -38,8 +38,9 @@ from glip_transfer.config import variant_config
 from glip_transfer.inference import EncodedPrompt, detect_batch
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.postprocess import match_detections
-from glip_transfer.prompts import build_detection_prompt, load_tokenizer
+from glip_transfer.prompts import build_detection_prompt
 from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.tokenizer import load_tokenizer
 
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 COCO_NAMES = (

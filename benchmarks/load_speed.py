@@ -74,7 +74,6 @@ def old_load(path: str):
 
 def worker(method: str, path: str) -> dict:
     import torch
-
     from transformers import BertConfig, BertModel  # noqa: F401 - build_glip imports them lazily: not loading, not timed
 
     from glip_transfer.checkpoint import load_model

@@ -29,8 +29,8 @@ from pycocotools.cocoeval import COCOeval
 from rich.table import Table
 
 from .boxes import box_xyxy_to_xywh
-from .checkpoint import atomic_write
 from .data import CocoData, DataError, load_coco
+from .files import write_text
 
 # (key, pycocotools stats index, description)
 COCO_METRICS: tuple[tuple[str, int, str], ...] = (
@@ -266,14 +266,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (see :func:`glip_transfer.checkpoint.atomic_write`)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    atomic_write(Path(path), write)
+atomic_write_text = write_text
+""":func:`glip_transfer.files.write_text` under its earlier name (code written against it)."""
 
 
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -332,8 +326,8 @@ def write_results(
     if per_category is None:
         per_category = metrics.get("per_category", [])
     paths = {name: out / name for name in ("bbox.json", "metrics.json", "per_category.csv", "report.md")}
-    atomic_write_text(paths["bbox.json"], json.dumps(list(results), default=_json_default))
-    atomic_write_text(
+    write_text(paths["bbox.json"], json.dumps(list(results), default=_json_default))
+    write_text(
         paths["metrics.json"], json.dumps(scalar_metrics(metrics), indent=2, default=_json_default) + "\n"
     )
     buffer = io.StringIO()
@@ -343,8 +337,8 @@ def write_results(
         writer.writerow(
             [row["category_id"], row["name"], f"{row['AP']:.6f}", f"{row['AP50']:.6f}", row["gt_instances"]]
         )
-    atomic_write_text(paths["per_category.csv"], buffer.getvalue())
-    atomic_write_text(paths["report.md"], _markdown_report(metrics, per_category))
+    write_text(paths["per_category.csv"], buffer.getvalue())
+    write_text(paths["report.md"], _markdown_report(metrics, per_category))
     return paths
 
 

@@ -9,7 +9,7 @@ import typer
 
 from ..checkpoint import load_model
 from ..data import ImageFiles, default_workers, load_image, make_loader
-from ..evaluation import atomic_write_text
+from ..files import write_text
 from ..prompts import build_detection_prompt, phrase_prompt
 from ..recipes import Evaluation
 from ..runtime import progress_bar, resolve_device
@@ -145,7 +145,7 @@ def predict_command(
     records = [records[i] for i in sorted(records)]  # input order, however batched
 
     if json_path is not None:
-        atomic_write_text(json_path, json.dumps(records, indent=1))
+        write_text(json_path, json.dumps(records, indent=1))
     total = sum(len(r["detections"]) for r in records)
     console.print(
         f"{len(records)} image(s), {total} detection(s) at score >= {threshold}"

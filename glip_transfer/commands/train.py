@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..evaluation import atomic_write_text
+from ..files import write_text
 from .common import console, err_console, fail, handle_errors
 
 MODE_HELP = "full | prompt | linear | lora | text"
@@ -178,7 +178,7 @@ def _seed_summary(summaries, folder: Path) -> None:
     table.add_row("[bold]mean ± std[/]", *cells)
     console.print(table)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(folder) / "seeds.json", json.dumps(out, indent=2) + "\n")
+    write_text(Path(folder) / "seeds.json", json.dumps(out, indent=2) + "\n")
 
 
 @handle_errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -12,13 +11,13 @@ from ..checkpoint import load_model
 from ..config import split_overrides
 from ..data import DetectionDataset, default_workers, load_coco, make_loader
 from ..evaluation import (
-    atomic_write_text,
     coco_evaluate,
     lvis_evaluate,
     per_category_table,
     summary_table,
     write_results,
 )
+from ..files import AppendLines, write_text
 from ..recipes import (
     adhoc_recipe,
     categories_not_in_recipe,
@@ -143,13 +142,11 @@ def eval_command(
     )
 
     written = [len(results)]
-    with open(partial_path, "a", encoding="utf-8") as partial, progress_bar() as bar:
+    with AppendLines(partial_path, durable=True) as partial, progress_bar() as bar:
         task = bar.add_task("zero-shot", total=len(dataset), completed=len(done_ids), info="", unit="img")
 
         def on_batch(image_ids: list, batch_results: list[dict]) -> None:
-            partial.write(json.dumps({"image_ids": image_ids, "results": batch_results}) + "\n")
-            partial.flush()
-            os.fsync(partial.fileno())
+            partial.write(json.dumps({"image_ids": image_ids, "results": batch_results}))
             written[0] += len(batch_results)
             bar.update(task, info=f"{written[0]} detections")
 
@@ -177,7 +174,7 @@ def eval_command(
     metrics["captions"] = encoded.captions
     paths = write_results(out, results, metrics)
     if export_odinw is not None:
-        atomic_write_text(export_odinw, json.dumps({rec.name.split("/", 1)[-1]: results}))
+        write_text(export_odinw, json.dumps({rec.name.split("/", 1)[-1]: results}))
     partial_path.unlink(missing_ok=True)
     console.print(summary_table(metrics, title=f"{rec.name} ({files.img_dir})"))
     if metrics.get("per_category"):

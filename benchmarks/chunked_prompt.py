@@ -75,7 +75,10 @@ def before(model, images, sizes, prompt):
             d.labels = d.labels + first
         per_chunk.append(dets)
         first += len(chunk.category_ids)
-    return [merge_chunk_detections([c[i] for c in per_chunk], model.cfg.postprocess.detections_per_img) for i in range(len(sizes))]
+    return [
+        merge_chunk_detections([c[i] for c in per_chunk], model.cfg.postprocess.detections_per_img)
+        for i in range(len(sizes))
+    ]
 
 
 @torch.no_grad()
@@ -88,18 +91,30 @@ def batched(model, images, sizes, prompt, group: int):
         indices = list(range(g0, min(g0 + group, len(prompt.chunks))))
         texts = [prompt.features(model, i, images.device) for i in indices]
         length = max(t.used_length() for t in texts)
-        text = TextFeatures(*(torch.cat([getattr(t, f)[:, :length] for t in texts]) for f in ("hidden", "embedded", "mask")))
+        text = TextFeatures(
+            *(torch.cat([getattr(t, f)[:, :length] for t in texts]) for f in ("hidden", "embedded", "mask"))
+        )
         k = len(indices)
-        outputs, anchors = model(images.expand(k, -1, -1, -1), text, features=[f.expand(k, -1, -1, -1).contiguous() for f in features])
+        outputs, anchors = model(
+            images.expand(k, -1, -1, -1), text, features=[f.expand(k, -1, -1, -1).contiguous() for f in features]
+        )
         for j, index in enumerate(indices):
             chunk = prompt.chunks[index]
-            one = HeadOutputs(*([t[j : j + 1].float() for t in field] for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)))
+            one = HeadOutputs(
+                *(
+                    [t[j : j + 1].float() for t in field]
+                    for field in (outputs.box_regression, outputs.centerness, outputs.token_logits)
+                )
+            )
             dets = postprocess(one, anchors, chunk.positive_map[:, :length].float(), sizes, model.cfg.postprocess)
             for d in dets:
                 d.labels = d.labels + first
             per_chunk.append(dets)
             first += len(chunk.category_ids)
-    return [merge_chunk_detections([c[i] for c in per_chunk], model.cfg.postprocess.detections_per_img) for i in range(len(sizes))]
+    return [
+        merge_chunk_detections([c[i] for c in per_chunk], model.cfg.postprocess.detections_per_img)
+        for i in range(len(sizes))
+    ]
 
 
 def image_tensor(h: int, w: int) -> torch.Tensor:
@@ -111,7 +126,9 @@ def image_tensor(h: int, w: int) -> torch.Tensor:
     photo = REFERENCE_DIR / "astronaut.png"
     if not photo.exists():
         return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
-    return to_normalized_tensor(Image.open(photo).convert("RGB").resize((w, h), Image.Resampling.BILINEAR), InputConfig())[None]
+    return to_normalized_tensor(
+        Image.open(photo).convert("RGB").resize((w, h), Image.Resampling.BILINEAR), InputConfig()
+    )[None]
 
 
 def main() -> None:
@@ -146,12 +163,19 @@ def main() -> None:
     for protocol in args.protocol.split(","):
         prompt = prompt_for(protocol, tokenizer, categories, cfg.language.max_query_len)
         if args.max_chunks:
-            prompt = EncodedPrompt(prompt.chunks[: args.max_chunks], prompt.input_ids[: args.max_chunks], prompt.attention_masks[: args.max_chunks])
+            prompt = EncodedPrompt(
+                prompt.chunks[: args.max_chunks],
+                prompt.input_ids[: args.max_chunks],
+                prompt.attention_masks[: args.max_chunks],
+            )
         with torch.no_grad():
             for i in range(len(prompt.chunks)):  # BERT once per chunk, cached (not timed: once per dataset)
                 prompt.features(model, i, images.device)
         tokens = [int(m.sum()) for m in prompt.attention_masks]
-        paths = {"before": lambda: before(model, images, sizes, prompt), "after": lambda: detect_batch(model, images, sizes, prompt)}
+        paths = {
+            "before": lambda: before(model, images, sizes, prompt),
+            "after": lambda: detect_batch(model, images, sizes, prompt),
+        }
         for g in (int(x) for x in args.batched.split(",") if x):
             paths[f"after, {g} chunks per head batch"] = lambda g=g: batched(model, images, sizes, prompt, g)
         dets = {}
@@ -163,7 +187,9 @@ def main() -> None:
                    "cpu_s_per_image": round(seconds, 2), "detections": len(dets[name])}  # fmt: skip
             if name != "before":
                 m = match_detections(dets["before"], dets[name])
-                same = torch.equal(dets["before"].scores, dets[name].scores) and torch.equal(dets["before"].boxes, dets[name].boxes)
+                same = torch.equal(dets["before"].scores, dets[name].scores) and torch.equal(
+                    dets["before"].boxes, dets[name].boxes
+                )
                 row.update(identical_to_before=same, matched=m["matched"], max_score_diff=m["max_score_diff"])
             rows.append(row)
             Console().print(row)
@@ -179,7 +205,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {args.threads} thread(s), torch {torch.__version__}"
-    result = {"machine": machine, "categories": source, "size": args.size, "loadavg_start": load_start, "loadavg_end": load_end, "rows": rows}
+    result = {
+        "machine": machine,
+        "categories": source,
+        "size": args.size,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
+        "rows": rows,
+    }
     (out / "chunked_prompt.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Chunked prompt: {source}", "", f"Machine: {machine}; GLIP-T (deterministic weights), astronaut at {args.size}; "
              f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end. CPU seconds per image "

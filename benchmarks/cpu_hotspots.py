@@ -39,7 +39,9 @@ from glip_transfer.model.glip import build_glip
 from glip_transfer.model.postprocess import match_detections, postprocess
 from glip_transfer.reference import apply_deterministic_weights
 
-REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))  # as tests/
+REFERENCE_DIR = Path(
+    os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
+)  # as tests/
 CATEGORIES = ["person", "rocket", "american flag", "helmet", "glove"]
 CAPTION_IDS = [101, 2711, 1012, 7596, 1012, 2137, 5210, 1012, 10412, 1012, 15913, 102]  # "person. rocket. ..."
 PHRASE_TOKENS = ([1], [3], [5, 6], [8], [10])
@@ -110,7 +112,9 @@ def before_dyconv(self, visual):
         if level < len(visual) - 1:
             h, w = visual[level + 1].shape[-2:]
             upper = self.DyConv[0](
-                visual[level + 1], head._offset_for_smaller_output(offset, h, w), head._offset_for_smaller_output(mask, h, w)
+                visual[level + 1],
+                head._offset_for_smaller_output(offset, h, w),
+                head._offset_for_smaller_output(mask, h, w),
             )
             terms.append(F.interpolate(upper, size=feature.shape[-2:], mode="bilinear", align_corners=True))
         stacked = torch.stack(terms)
@@ -179,7 +183,9 @@ class ComponentTimer:
             for name, kind in types.items():
                 if isinstance(module, kind):
                     start = {}
-                    self.hooks.append(module.register_forward_pre_hook(lambda m, a, s=start: s.__setitem__(0, time.process_time())))
+                    self.hooks.append(
+                        module.register_forward_pre_hook(lambda m, a, s=start: s.__setitem__(0, time.process_time()))
+                    )
                     self.hooks.append(module.register_forward_hook(
                         lambda m, a, o, s=start, n=name: self.seconds.__setitem__(n, self.seconds[n] + time.process_time() - s[0])))  # fmt: skip
 
@@ -227,7 +233,10 @@ def parity_errors(model) -> dict[str, float]:
 
     ref = load_file(str(REFERENCE_DIR / "glip_tiny_astronaut.safetensors"))
     captured = {}
-    hooks = [m.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out)) for i, m in enumerate(model.rpn.head.dyhead_tower)]
+    hooks = [
+        m.register_forward_hook(lambda mod, a, out, i=i: captured.__setitem__(i, out))
+        for i, m in enumerate(model.rpn.head.dyhead_tower)
+    ]
     hooks.append(model.backbone.body.register_forward_hook(lambda m, a, out: captured.__setitem__("body", out)))
     hooks.append(model.backbone.register_forward_hook(lambda m, a, out: captured.__setitem__("fpn", out)))
     try:
@@ -249,7 +258,9 @@ def parity_errors(model) -> dict[str, float]:
     }
     for index in (0, 2, 17):
         visual = captured[index][0] if isinstance(captured[index], tuple) else captured[index]
-        out[f"dyhead_tower{index:02d}"] = max(err(v, ref[f"head.tower{index:02d}.visual.P{lv + 3}"]) for lv, v in enumerate(visual))
+        out[f"dyhead_tower{index:02d}"] = max(
+            err(v, ref[f"head.tower{index:02d}.visual.P{lv + 3}"]) for lv, v in enumerate(visual)
+        )
     out["box_regression"] = max(err(o, ref[f"head.bbox_reg.P{lv + 3}"]) for lv, o in enumerate(outputs.box_regression))
     out["centerness"] = max(err(o, ref[f"head.centerness.P{lv + 3}"]) for lv, o in enumerate(outputs.centerness))
     out["token_logits"] = max(err(o[..., valid], ref[f"head.dot_product_logits.P{lv + 3}"][..., valid])
@@ -286,7 +297,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.malloc == "keep" and not keep_freed_memory():
-        raise SystemExit("--malloc keep: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES set); use --malloc default")
+        raise SystemExit(
+            "--malloc keep: not applied (not glibc, or MALLOC_* / GLIBC_TUNABLES set); use --malloc default"
+        )
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     h, w = (int(v) for v in args.size.lower().split("x"))
@@ -341,13 +354,18 @@ def main() -> None:
         for part in parts[p][0]:
             summary[p][f"{part}_s"] = round(statistics.median(x[part] for x in parts[p]), 3)
     load_end = os.getloadavg()
-    machine = f"{platform.machine()} {platform.processor() or ''}".strip() + f", {args.threads} thread(s), torch {torch.__version__}"
+    machine = (
+        f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {args.threads} thread(s), torch {torch.__version__}"
+    )
     result = {"machine": machine, "size": args.size, "threads": args.threads, "repeats": args.repeats, "malloc": args.malloc,
               "loadavg_start": load_start, "loadavg_end": load_end, "sgemm_peak_gflop_per_s": round(peak, 1),
               "timing": summary, "detections_before_vs_after": same, "gemms": gemms, "parity_max_errors": parity}  # fmt: skip
 
     console = Console()
-    table = Table(title=f"GLIP-T detect at {args.size}, {args.threads} thread(s), CPU seconds (median of {args.repeats})")
+    table = Table(
+        title=f"GLIP-T detect at {args.size}, {args.threads} thread(s), CPU seconds (median of {args.repeats})"
+    )
     cols = ["median_s", "min_s", "deform_conv_s", "dyconv_s", "window_attention_s", "swin_s"]
     table.add_column("path")
     for c in cols:
@@ -370,7 +388,10 @@ def main() -> None:
         for p in paths:
             pt.add_column(p, justify="right")
         for key in parity["before"]:
-            pt.add_row(key, *(f"{parity[p][key]:.3g}" if isinstance(parity[p][key], float) else str(parity[p][key]) for p in paths))
+            pt.add_row(
+                key,
+                *(f"{parity[p][key]:.3g}" if isinstance(parity[p][key], float) else str(parity[p][key]) for p in paths),
+            )
         console.print(pt)
 
     out = Path(args.out)
@@ -391,7 +412,13 @@ def main() -> None:
             lines.append(f"| {p} | {g['op']} | {g['calls']} | {g['gflop']:.1f} | {g['seconds']:.3f} | {100 * g['share']:.0f}% | "
                          f"{g['gflop_per_s']:.1f} | {100 * g['gflop_per_s'] / peak:.0f}% |")  # fmt: skip
     if parity:
-        lines += ["", "Max abs error against the official run (astronaut, 500x500):", "", "| tensor | before | after |", "|---|---|---|"]
+        lines += [
+            "",
+            "Max abs error against the official run (astronaut, 500x500):",
+            "",
+            "| tensor | before | after |",
+            "|---|---|---|",
+        ]
         for key in parity["before"]:
             lines.append(f"| {key} | {parity['before'][key]} | {parity['after'][key]} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -44,7 +44,11 @@ def write_dataset(root: Path, n: int) -> tuple[Path, Path]:
     from PIL import Image
 
     photo = REFERENCE_DIR / "astronaut.png"
-    base = Image.open(photo).convert("RGB") if photo.exists() else Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8))
+    base = (
+        Image.open(photo).convert("RGB")
+        if photo.exists()
+        else Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8))
+    )
     (root / "images").mkdir(parents=True)
     images = []
     for i in range(n):
@@ -79,21 +83,29 @@ def main() -> None:
     apply_deterministic_weights(model, cfg.head.num_convs)
     model.eval()
     tokenizer = load_tokenizer(find_vocab())
-    coco = build_detection_prompt(tokenizer, list(enumerate(COCO_NAMES, start=1)), max_len=cfg.language.max_query_len, warn=False)
+    coco = build_detection_prompt(
+        tokenizer, list(enumerate(COCO_NAMES, start=1)), max_len=cfg.language.max_query_len, warn=False
+    )
     prompt = EncodedPrompt.from_chunks(tokenizer, coco.chunks, cfg.language.max_query_len)
     device = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         ann, image_dir = write_dataset(Path(tmp), args.images)
         dataset = DetectionDataset(ann, image_dir, cfg.input)
         sizes = dataset.padded_sizes()
-        configs = [(b, w) for b in (int(x) for x in args.batches.split(",")) for w in (int(x) for x in args.workers.split(","))]
-        evaluate_dataset(model, make_loader(dataset, batch_size=1), prompt, device=device)  # warm-up, text features cached
+        configs = [
+            (b, w) for b in (int(x) for x in args.batches.split(",")) for w in (int(x) for x in args.workers.split(","))
+        ]
+        evaluate_dataset(
+            model, make_loader(dataset, batch_size=1), prompt, device=device
+        )  # warm-up, text features cached
         best, results = {}, {}
         for _ in range(args.rounds):
             for batch_size, workers in configs:
                 start = time.perf_counter()
                 cpu = time.process_time()
-                results[(batch_size, workers)] = evaluate_dataset(model, make_loader(dataset, batch_size, workers), prompt, device=device)
+                results[(batch_size, workers)] = evaluate_dataset(
+                    model, make_loader(dataset, batch_size, workers), prompt, device=device
+                )
                 wall, cpu = time.perf_counter() - start, time.process_time() - cpu
                 if (batch_size, workers) not in best or wall < best[(batch_size, workers)][0]:
                     best[(batch_size, workers)] = (wall, cpu)
@@ -109,7 +121,9 @@ def main() -> None:
                      "max_score_diff_vs_first": diff})  # fmt: skip
     load_end = os.getloadavg()
     first = rows[0]["images_per_s"]
-    table = Table(title=f"{args.variant}, {len(dataset)} images of {len(set(sizes))} padded sizes, {args.threads} threads")
+    table = Table(
+        title=f"{args.variant}, {len(dataset)} images of {len(set(sizes))} padded sizes, {args.threads} threads"
+    )
     for c in ("batch", "workers", "batches", "wall_s", "images_per_s", "gain", "max_score_diff_vs_first"):
         table.add_column(c, justify="right")
     for r in rows:

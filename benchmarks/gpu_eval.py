@@ -131,7 +131,10 @@ def agreement(model, prompt, device, images) -> dict:
         batch = batch.to(device)
         full = detect_batch(model, batch, sizes, prompt, amp=False)[0].to("cpu")
         half = detect_batch(model, batch, sizes, prompt, amp=True)[0].to("cpu")
-        for subset, (a, b) in {"all": (full, half), "confident": (full.index(full.scores >= 0.3), half.index(half.scores >= 0.3))}.items():
+        for subset, (a, b) in {
+            "all": (full, half),
+            "confident": (full.index(full.scores >= 0.3), half.index(half.scores >= 0.3)),
+        }.items():
             totals[f"float32_{subset}"] += len(a)
             totals[f"amp_{subset}"] += len(b)
             for name, kw in MATCHES.items():
@@ -150,11 +153,17 @@ def main() -> None:
     parser.add_argument("--size", default="800x1333", help="image HxW before padding (the test transform keeps it)")
     parser.add_argument("--batches", default="1,4,8")
     parser.add_argument("--iters", type=int, default=5, help="timed batches per row (after 2 warm-up batches)")
-    parser.add_argument("--weights", type=Path, default=None, help="a model that has learnt (e.g. glip-nano) for AMP vs float32")
+    parser.add_argument(
+        "--weights", type=Path, default=None, help="a model that has learnt (e.g. glip-nano) for AMP vs float32"
+    )
     parser.add_argument("--images", type=Path, default=None, help="folder of photos for AMP vs float32 [the astronaut]")
     parser.add_argument("--max-images", type=int, default=20)
-    parser.add_argument("--tokenizer", default=None, help="vocab folder or hub id [offline test vocabulary if installed]")
-    parser.add_argument("--smoke", action="store_true", help="test-tiny, tiny images, 1 iteration: the script runs end to end")
+    parser.add_argument(
+        "--tokenizer", default=None, help="vocab folder or hub id [offline test vocabulary if installed]"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="test-tiny, tiny images, 1 iteration: the script runs end to end"
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.smoke:
@@ -188,7 +197,9 @@ def main() -> None:
             max_len = learnt.cfg.language.max_query_len
             coco = build_detection_prompt(tokenizer, list(enumerate(COCO_NAMES, start=1)), max_len=max_len, warn=False)
             learnt_prompt = EncodedPrompt.from_chunks(tokenizer, coco.chunks, max_len)
-            agree[f"{args.weights.name} ({learnt.cfg.variant})"] = agreement(learnt, learnt_prompt, device, photos(args.images, args.max_images))
+            agree[f"{args.weights.name} ({learnt.cfg.variant})"] = agreement(
+                learnt, learnt_prompt, device, photos(args.images, args.max_images)
+            )
 
     machine = f"{platform.machine()}, torch {torch.__version__}"
     if device.type == "cuda":
@@ -214,7 +225,10 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# {args.variant} evaluation on {device}", "", f"Machine: {machine}. `python benchmarks/gpu_eval.py"
              + (" --smoke" if args.smoke else "") + "`", "", "| precision | batch | input | images/s | peak memory MB |", "|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['precision']} | {r['batch']} | {r['input']} | {r['images_per_s']:.2f} | {r['peak_memory_mb']} |" for r in rows]
+    lines += [
+        f"| {r['precision']} | {r['batch']} | {r['input']} | {r['images_per_s']:.2f} | {r['peak_memory_mb']} |"
+        for r in rows
+    ]
     if agree:
         lines += ["", "AMP against float32 (matched detections: loose = same label, IoU > 0.9, score within 0.02; strict = "
                   "IoU > 0.99, score within 1e-3; confident = score >= 0.3):", "",

@@ -65,7 +65,7 @@ def old_load(path: str):
     from glip_transfer.model.glip import build_glip
 
     loaded = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k[len("module."):]: v for k, v in loaded["model"].items() if isinstance(v, torch.Tensor)}
+    state = {k[len("module.") :]: v for k, v in loaded["model"].items() if isinstance(v, torch.Tensor)}
     state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
     model = build_glip(variant_config(detect_variant(state)))
     model.load_state_dict(state, strict=True)
@@ -243,7 +243,9 @@ def report(runs: list[dict], built: dict, sizes: dict, convert_s: float, loads: 
         f"{sizes['converted']:,} bytes, written in {convert_s:.1f} s (once). torch {torch_version}, {os.cpu_count()} CPUs, "
         f"median of {data['rounds']} interleaved rounds, each run a fresh process.",
         "",
-        "Machine load (`uptime`): " + " / ".join(u.split("load average:")[-1].strip() for u in loads) + " (before, after each round).",
+        "Machine load (`uptime`): "
+        + " / ".join(u.split("load average:")[-1].strip() for u in loads)
+        + " (before, after each round).",
         "",
         "| loader | page cache | load (s) | load CPU (s) | ready (s) | ready CPU (s) | x old | peak RSS (MiB) | VmHWM (MiB) | after imports (MiB) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

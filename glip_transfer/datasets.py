@@ -164,7 +164,9 @@ def fetch_dataset(plan: DatasetPlan, data_root: str | os.PathLike, force: bool =
         missing = [p for p in plan.required if not (root / p).exists()]
         if not missing:
             return "present"
-        raise DatasetError(f"{dest} exists but lacks {root / missing[0]}: pass --force to download it again and replace the folder")
+        raise DatasetError(
+            f"{dest} exists but lacks {root / missing[0]}: pass --force to download it again and replace the folder"
+        )
     parent.mkdir(parents=True, exist_ok=True)
     download_dir = parent / f".download-{plan.name}"
     zip_path = download_file(HUB_REPO, f"{ODINW_ZIPS}/{plan.name}.zip", local_dir=download_dir,
@@ -214,11 +216,15 @@ def extract_dataset(zip_path: str | os.PathLike, parent: str | os.PathLike, name
         for info in members:
             why = unsafe_member(info)
             if why is not None:
-                raise DatasetError(f"{zip_path}: refused: member {info.filename!r} is {why} (would write outside {parent})")
+                raise DatasetError(
+                    f"{zip_path}: refused: member {info.filename!r} is {why} (would write outside {parent})"
+                )
         total = sum(i.file_size for i in members)
         free = shutil.disk_usage(parent).free
         if total > free:
-            raise DatasetError(f"{parent}: {total / 1e9:.1f} GB needed to extract {zip_path.name}, {free / 1e9:.1f} GB free")
+            raise DatasetError(
+                f"{parent}: {total / 1e9:.1f} GB needed to extract {zip_path.name}, {free / 1e9:.1f} GB free"
+            )
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=parent))
         try:
             with bytes_progress() as bar:
@@ -227,15 +233,21 @@ def extract_dataset(zip_path: str | os.PathLike, parent: str | os.PathLike, name
                     try:
                         archive.extract(info, tmp)
                     except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as e:
-                        raise DatasetError(f"{zip_path}: corrupt member {info.filename!r} ({e}); download it again") from None
+                        raise DatasetError(
+                            f"{zip_path}: corrupt member {info.filename!r} ({e}); download it again"
+                        ) from None
                     except OSError as e:
-                        raise DatasetError(f"cannot extract {zip_path.name} into {parent} ({e.strerror or e})") from None
+                        raise DatasetError(
+                            f"cannot extract {zip_path.name} into {parent} ({e.strerror or e})"
+                        ) from None
                     bar.advance(task, info.file_size)
             if not (tmp / name).is_dir():
                 raise DatasetError(f"{zip_path}: holds no {name}/ folder (the official layout): not an ODinW archive")
             missing = [p for p in required if not (tmp / p).exists()]
             if missing:
-                raise DatasetError(f"{zip_path}: lacks {missing[0]}, which the recipe names ({len(missing)} missing): not the expected archive")
+                raise DatasetError(
+                    f"{zip_path}: lacks {missing[0]}, which the recipe names ({len(missing)} missing): not the expected archive"
+                )
             if dest.exists():
                 os.rename(dest, tmp / ".replaced")
             os.rename(tmp / name, dest)

@@ -71,7 +71,7 @@ class FakeHub:
             def _file(self) -> str | None:
                 prefix = f"/{hub.repo}/resolve/main/"
                 path = unquote(self.path.split("?")[0])
-                return path[len(prefix):] if path.startswith(prefix) else None
+                return path[len(prefix) :] if path.startswith(prefix) else None
 
             def _missing(self) -> None:
                 body = json.dumps({"error": "Entry not found"}).encode()
@@ -116,7 +116,9 @@ class FakeHub:
                 if rng:
                     start = int(rng.split("=")[1].split("-")[0])
                     body = data[start:]
-                    self._headers(served, 206, len(body), {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+                    self._headers(
+                        served, 206, len(body), {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+                    )
                     self.wfile.write(body)
                     return
                 if served.short_by:

@@ -14,7 +14,9 @@ CODE = "from glip_transfer.allocator import keep_freed_memory; print(keep_freed_
 
 def run(env: dict) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    return subprocess.run([sys.executable, "-c", CODE], env={**clean, **env}, capture_output=True, text=True, timeout=120).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", CODE], env={**clean, **env}, capture_output=True, text=True, timeout=120
+    ).stdout.strip()
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")

@@ -33,5 +33,7 @@ def test_gpu_eval_smoke(tmp_path, vocab_dir):
     assert len(data["amp_vs_float32"]) == 2  # deterministic and the learnt weights
     for agreement in data["amp_vs_float32"].values():
         # on a CPU "AMP" is float32 again: every detection pairs with itself
-        assert agreement["float32_all"] > 0 and agreement["strict_all"] == agreement["float32_all"] == agreement["amp_all"]
+        assert (
+            agreement["float32_all"] > 0 and agreement["strict_all"] == agreement["float32_all"] == agreement["amp_all"]
+        )
     assert (tmp_path / "out" / "gpu_eval_smoke.md").exists()

@@ -51,8 +51,9 @@ def zip_of(members: dict[str, bytes], symlinks: dict[str, str] | None = None) ->
 def corrupt(data: bytes, member: str) -> bytes:
     """The zip with a byte of ``member``'s compressed data flipped (its CRC no longer matches)."""
     info = zipfile.ZipFile(io.BytesIO(data)).getinfo(member)
-    name_len, extra_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"), int.from_bytes(
-        data[info.header_offset + 28 : info.header_offset + 30], "little"
+    name_len, extra_len = (
+        int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"),
+        int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little"),
     )
     at = info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
@@ -88,7 +89,9 @@ def test_default_data_root(monkeypatch):
     assert default_data_root() == Path("/data/glip")
     rec = load_recipe(RABBITS)
     assert download_hint(rec, "/data/glip") == "; fetch it with: glip data download odinw35/cottontailrabbits"
-    assert download_hint(rec, "other") == "; fetch it with: glip data download odinw35/cottontailrabbits --data-root other"
+    assert (
+        download_hint(rec, "other") == "; fetch it with: glip data download odinw35/cottontailrabbits --data-root other"
+    )
     assert download_hint(load_recipe("coco"), "other") == ""
 
 
@@ -112,7 +115,9 @@ def test_unsafe_members_are_refused_before_anything_is_written(tmp_path, members
     with pytest.raises(DatasetError, match=why):
         extract_dataset(path, parent, "Rabbits", [])
     assert list(parent.iterdir()) == [] and not (tmp_path / "evil.txt").exists()
-    assert all(unsafe_member(i) is None for i in zipfile.ZipFile(io.BytesIO(zip_of({"a/b c/d.json": b"{}"}))).infolist())
+    assert all(
+        unsafe_member(i) is None for i in zipfile.ZipFile(io.BytesIO(zip_of({"a/b c/d.json": b"{}"}))).infolist()
+    )
 
 
 def test_corrupt_or_incomplete_archives_leave_nothing_that_looks_complete(tmp_path):
@@ -165,10 +170,15 @@ def test_download_extract_skip_and_evaluate(rabbits_zip, tmp_path, vocab_dir):
         again = glip({**env, "GLIP_DATA": str(root)}, "data", "download", "odinw13/cottontailrabbits")
         assert again.returncode == 0 and "present (skipped)" in again.stdout, again.stdout + again.stderr
         assert hub.gets(ZIP) == [None]  # nothing fetched the second time
-    listed = {r["recipe"]: r for r in json.loads(runner.invoke(app, ["data", "list", "--json", "--data-root", str(root)]).stdout)}
+    listed = {
+        r["recipe"]: r
+        for r in json.loads(runner.invoke(app, ["data", "list", "--json", "--data-root", str(root)]).stdout)
+    }
     assert listed["odinw35/CottontailRabbits"]["present"] and listed["odinw13/CottontailRabbits"]["present"]
     assert not listed["odinw35/Aquarium_Aquarium_Combined.v2-raw-1024.coco"]["present"]
-    assert listed["odinw35/Aquarium_Aquarium_Combined.v2-raw-1024.coco"]["download"].startswith("glip data download odinw35/aquarium")
+    assert listed["odinw35/Aquarium_Aquarium_Combined.v2-raw-1024.coco"]["download"].startswith(
+        "glip data download odinw35/aquarium"
+    )
     # the extracted layout is what the recipe reads: a zero-shot evaluation runs on it
     torch.manual_seed(0)
     weights = tmp_path / "tiny.safetensors"
@@ -184,7 +194,12 @@ def test_refused_archives_through_the_command(rabbits_zip, monkeypatch, tmp_path
     root = tmp_path / "DATASET"
     evil = zip_of({"CottontailRabbits/ok.txt": b"x", "../../evil.txt": b"x"})
     with FakeHub() as hub, hub_in_process(monkeypatch, hub.url, tmp_path / "hf"):
-        hub.add(ZIP, corrupt(rabbits_zip, next(n for n in zipfile.ZipFile(io.BytesIO(rabbits_zip)).namelist() if n.endswith(".jpg"))))
+        hub.add(
+            ZIP,
+            corrupt(
+                rabbits_zip, next(n for n in zipfile.ZipFile(io.BytesIO(rabbits_zip)).namelist() if n.endswith(".jpg"))
+            ),
+        )
         result = runner.invoke(app, ["data", "download", RABBITS, "--data-root", str(root)])
         assert result.exit_code == 2 and "corrupt member" in result.output and "Traceback" not in result.output
         assert not looks_complete(root / "odinw", "CottontailRabbits")

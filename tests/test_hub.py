@@ -79,7 +79,10 @@ def official_bytes(model) -> bytes:
     optimizer = {"state": {0: {"exp_avg": torch.randn(2_500_000, generator=g), "step": torch.tensor(1234.0)}},
                  "param_groups": [{"lr": 1e-4, "params": [0]}]}  # fmt: skip
     buf = io.BytesIO()
-    torch.save({"model": state, "model_ema": ema, "optimizer": optimizer, "scheduler": {"last_epoch": 3}, "iteration": 1234}, buf)
+    torch.save(
+        {"model": state, "model_ema": ema, "optimizer": optimizer, "scheduler": {"last_epoch": 3}, "iteration": 1234},
+        buf,
+    )
     return buf.getvalue()
 
 

@@ -196,7 +196,12 @@ def test_glip_predict_cli_from_official_checkpoint(model, ref, reference_dir, vo
 
     # the model-only conversion gives the very same detections and the same inspection
     converted = tmp_path / "glip_t.safetensors"
-    done = subprocess.run(glip_command() + ["weights", "convert", str(weights), str(converted)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        glip_command() + ["weights", "convert", str(weights), str(converted)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     converted_json = tmp_path / "converted.json"
     cmd[cmd.index(str(weights))] = str(converted)
@@ -206,7 +211,9 @@ def test_glip_predict_cli_from_official_checkpoint(model, ref, reference_dir, vo
     assert json.loads(converted_json.read_text())[0]["detections"] == dets
     inspected = []
     for w in (weights, converted):
-        out = subprocess.run(glip_command() + ["inspect", str(w), "--json"], capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            glip_command() + ["inspect", str(w), "--json"], capture_output=True, text=True, timeout=600
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         info = json.loads(out.stdout)
         inspected.append({k: v for k, v in info.items() if k not in ("path", "format")})

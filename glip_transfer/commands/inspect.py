@@ -29,7 +29,9 @@ def parameter_counts(state: dict) -> "OrderedDict[str, int]":
 
 @handle_errors
 def inspect_command(
-    path: str = typer.Argument(..., help="A weights name (glip weights list), an official GLIP .pth or a .safetensors."),
+    path: str = typer.Argument(
+        ..., help="A weights name (glip weights list), an official GLIP .pth or a .safetensors."
+    ),
     variant: str = typer.Option(None, "--variant", help="Compare against this variant instead of the detected one."),
     ema: bool = typer.Option(False, "--ema", help="Inspect the 'model_ema' weights."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),

@@ -54,7 +54,9 @@ def list_command(
 def convert_command(
     source: str = typer.Argument(..., help="An official GLIP .pth (or a weights name, e.g. glip-t)."),
     out: Path = typer.Argument(..., help="The .safetensors to write."),
-    half: bool = typer.Option(False, "--half", help="Store the parameters in float16 (half the size; outputs differ slightly)."),
+    half: bool = typer.Option(
+        False, "--half", help="Store the parameters in float16 (half the size; outputs differ slightly)."
+    ),
     ema: bool = typer.Option(False, "--ema", help="Take the 'model_ema' weights instead of 'model'."),
     variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l (detected when omitted)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),

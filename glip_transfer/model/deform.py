@@ -75,7 +75,9 @@ def _sampling(offset: torch.Tensor, mask: torch.Tensor, h: int, w: int, stride: 
     off = offset.reshape(b, 9, 2, ho, wo).permute(0, 3, 4, 1, 2)  # [B, Ho, Wo, 9, 2]
     taps = torch.arange(3, device=dev, dtype=dt)
     # integer part first (exact), then + offset: one rounding, as in torchvision's kernel
-    base_y = (torch.arange(ho, device=dev, dtype=dt) * stride - 1).view(ho, 1, 1) + taps.repeat_interleave(3).view(1, 1, 9)
+    base_y = (torch.arange(ho, device=dev, dtype=dt) * stride - 1).view(ho, 1, 1) + taps.repeat_interleave(3).view(
+        1, 1, 9
+    )
     base_x = (torch.arange(wo, device=dev, dtype=dt) * stride - 1).view(1, wo, 1) + taps.repeat(3).view(1, 1, 9)
     y = base_y + off[..., 0]  # [B, Ho, Wo, 9]
     x = base_x + off[..., 1]
@@ -162,8 +164,10 @@ class _ModulatedDeformConv3x3(torch.autograd.Function):
             gout = grad_out.to(dt).permute(0, 2, 3, 1).contiguous().view(n_pos, cout)
             grad_b = gout.sum(0) if need_b else None
             if n_pos == 0 or cin == 0 or not (need_x or need_off or need_mask or need_w):
-                zeros = [torch.zeros_like(t) if n else None for t, n in
-                         ((x, need_x), (offset, need_off), (mask, need_mask), (weight, need_w))]
+                zeros = [
+                    torch.zeros_like(t) if n else None
+                    for t, n in ((x, need_x), (offset, need_off), (mask, need_mask), (weight, need_w))
+                ]
                 return (*zeros, grad_b, None)
             index, (wy0, wy1, wx0, wx1, vy0, vy1, vx0, vx1), m = _sampling(offset, mask, h, w, stride)
             index = index.t().contiguous()  # [4, P*9]: one row per neighbour

@@ -8,7 +8,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# One intra-op thread unless the caller chose: the tests' tensors are small, and on a shared
+# 2-core machine OpenMP's spinning workers make a busy run up to 9x slower (measured: tests/
+# test_training.py + test_inference.py 28-33 s at one thread vs 296 s at the default two, load 5-6).
+# Set before torch is imported; the CLI subprocesses of the end-to-end tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 from glip_transfer.checkpoint import save_model
 from glip_transfer.config import variant_config

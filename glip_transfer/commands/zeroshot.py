@@ -7,30 +7,29 @@ import os
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from ..checkpoint import load_model
-from ..config import split_overrides
-from ..data import DetectionDataset, default_workers, load_coco, make_loader
-from ..evaluation import (
-    atomic_write_text,
-    coco_evaluate,
-    lvis_evaluate,
-    per_category_table,
-    summary_table,
-    write_results,
-)
-from ..recipes import (
-    adhoc_recipe,
-    categories_not_in_recipe,
-    evaluation_prompt,
-    load_recipe,
-    override_recipe,
-    safe_name,
-    split_paths,
-)
+from ..config import check_inference_settings, split_overrides
+from ..data import DetectionDataset, default_workers, make_loader
+from ..evaluation import atomic_write_text, per_category_table, summary_table, write_results
+from ..recipes import safe_name
 from ..runtime import progress_bar, resolve_device
-from ..tokenizer import default_tokenizer, load_tokenizer
-from .common import console, err_console, fail, handle_errors
+from ..tokenizer import TOKENIZER_ENV
+from .common import (
+    ADAPTER_HELP,
+    DATA_ROOT_HELP,
+    DEVICE_HELP,
+    SIZE_HELP,
+    TOKENIZER_HELP,
+    VARIANT_HELP,
+    WEIGHTS_HELP,
+    WORKERS_HELP,
+    console,
+    err_console,
+    fail,
+    handle_errors,
+)
 
 app = typer.Typer(
     help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True
@@ -58,41 +57,64 @@ def load_partial(path: Path) -> tuple[set, list[dict]]:
 @handle_errors
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: str = typer.Option("glip-t", "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors."),
-    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help="Folder the recipe's paths are under (glip data download fills it)."),
-    split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE]."),
+    weights: str = typer.Option("glip-t", "--weights", "-w", help=WEIGHTS_HELP),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help=DATA_ROOT_HELP),
+    split: str = typer.Option(None, "--split", help="val | test [default: the recipe's evaluation split]."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", "-b", min=1, help="Images per forward (results do not depend on it)."
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: runs/zeroshot/RECIPE]."),
+    min_size: int = typer.Option(
+        None, "--min-size", help=SIZE_HELP[0] + " [default: the recipe's evaluation.min_size, 800]"
+    ),
+    max_size: int = typer.Option(
+        None, "--max-size", help=SIZE_HELP[1] + " [default: the recipe's evaluation.max_size, 1333]"
+    ),
     sets: list[str] = typer.Option(
-        None, "--set", help="Override: evaluation.min_size=600, model.postprocess.nms_thresh=0.5"
+        None,
+        "--set",
+        help="Override any setting (repeatable): model.postprocess.nms_thresh=0.5, evaluation.detections_per_img=300; "
+        "glip config show lists them all.",
     ),
     ann: Path = typer.Option(None, "--ann", help="COCO JSON of a dataset without a recipe (with --images)."),
     images: Path = typer.Option(None, "--images", help="Image folder of --ann."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Start over even if --out has results."),
-    export_odinw: Path = typer.Option(None, "--export-odinw", help='Write {"<dataset>": [results]} here.'),
-    variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l (detected)."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
-    adapter: Path = typer.Option(None, "--adapter", help="A glip finetune artifact to apply."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    export_odinw: Path = typer.Option(None, "--export-odinw", help='Also write {"<dataset>": [results]} to this file.'),
+    variant: str = typer.Option(None, "--variant", help=VARIANT_HELP),
+    tokenizer: str = typer.Option(None, "--tokenizer", envvar=TOKENIZER_ENV, help=TOKENIZER_HELP),
+    adapter: Path = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
-    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes [default: 1 on CPU, up to 8 on CUDA]."),
+    workers: int = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
     no_text_cache: bool = typer.Option(False, "--no-text-cache", hidden=True, help="Re-run BERT per batch."),
 ):
     """Evaluate on a recipe's dataset (or --ann/--images) and write COCO results and AP tables."""
     # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
+    from ..api import check_weights, resolve_tokenizer
     from ..inference import EncodedPrompt, evaluate_dataset
-    from ..training.artifacts import apply_adapter
+    from ..training.artifacts import apply_adapter, read_artifact_header
+    from ..zeroshot import evaluation_recipe, prepare_task, task_metrics
 
     if (recipe is None) == (ann is None):
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
-    sets_by = split_overrides(sets, ("model",))
-    rec = override_recipe(load_recipe(recipe) if recipe else adhoc_recipe({"val": (ann, images)}), sets_by["recipe"])
-    split = split or rec.evaluation.split
-    ann_file, img_dir = split_paths(rec, split, data_root)
-    files = rec.split(split)
+    check_inference_settings(min_size=min_size, max_size=max_size)
+    size_sets = [f"evaluation.{k}={v}" for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None]
+    sets_by = split_overrides(size_sets + list(sets or []), ("model",))
+    rec = evaluation_recipe(recipe, ann, images, overrides=sets_by["recipe"])
+    # everything cheap before the run folder and the weights: device, files, tokenizer, prompt, weights name, adapter
+    dev = resolve_device(device)
+    plan = prepare_task(rec, split=split, data_root=data_root)
+    ann_file, files = plan.ann_file, rec.split(plan.split)
+    tok = resolve_tokenizer(tokenizer, weights)
+    detection_prompt, notes = plan.prompt(tok)
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    check_weights(weights)
+    if adapter is not None:
+        read_artifact_header(adapter)
 
     out = out or Path("runs") / "zeroshot" / safe_name(rec.name)
     partial_path = out / PARTIAL
@@ -108,28 +130,16 @@ def eval_command(
     if force and partial_path.exists():
         partial_path.unlink()
 
-    coco = load_coco(ann_file, require_annotations=False)
     ev = rec.evaluation
     model, _ = load_model(
         weights, variant=variant, tokenizer=tokenizer, overrides=ev.model_overrides() + sets_by["model"]
     )
-    tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
-    detection_prompt = evaluation_prompt(rec, tok, list(coco.categories.values()))
-    for notice in detection_prompt.notices:
-        err_console.print(f"[yellow]note:[/] {notice}")
-    unprompted = categories_not_in_recipe(rec, list(coco.categories.values()))
-    if unprompted:
-        err_console.print(
-            f"[yellow]note:[/] {len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
-            + ", ".join(repr(n) for _, n in unprompted[:5])
-        )
     encoded = EncodedPrompt.from_chunks(tok, detection_prompt.chunks, model.cfg.language.max_query_len)
     if adapter is not None:
         model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
-    dev = resolve_device(device)
     model = model.to(dev).eval()
 
-    dataset = DetectionDataset(coco, img_dir, model.cfg.input)
+    dataset = DetectionDataset(plan.coco, plan.img_dir, model.cfg.input)
     if dataset.num_missing:
         err_console.print(
             f"[yellow]warning:[/] {dataset.num_missing} image(s) listed in {ann_file.name} are missing on disk: skipped"
@@ -168,13 +178,7 @@ def eval_command(
     position = {entry[0]: i for i, entry in enumerate(dataset.entries)}  # dataset order, however batched or resumed
     results.sort(key=lambda r: position.get(r["image_id"], len(position)))
 
-    if rec.evaluation.metric.startswith("lvis"):
-        metrics = lvis_evaluate(ann_file, results, max_dets=ev.detections_per_img)
-        metrics.setdefault("per_category", [])
-    else:
-        metrics = coco_evaluate(coco, results)
-    metrics["recipe"] = rec.name
-    metrics["captions"] = encoded.captions
+    metrics = task_metrics(plan, results, encoded.captions)
     paths = write_results(out, results, metrics)
     if export_odinw is not None:
         atomic_write_text(export_odinw, json.dumps({rec.name.split("/", 1)[-1]: results}))

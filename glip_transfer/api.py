@@ -31,8 +31,8 @@ from PIL import Image
 
 from .checkpoint import config_from_metadata, load_model, read_safetensors_metadata
 from .config import MAX_QUERY_LEN, InputConfig, check_inference_settings
-from .data import DataError, DetectionDataset, ImageFiles, default_workers, make_loader
-from .inference import EncodedPrompt, detect_batch, evaluate_dataset, to_original_size
+from .data import DataError, ImageFiles, default_workers, make_loader
+from .inference import EncodedPrompt, detect_batch, to_original_size
 from .model.glip import GLIP
 from .prompts import PromptError, build_detection_prompt, phrase_prompt
 from .runtime import progress_bar, resolve_device
@@ -136,6 +136,18 @@ def check_weights(weights: str | os.PathLike | None) -> None:
         )
 
 
+def check_adapter(adapter: str | os.PathLike, captions: list[str] | None = None) -> tuple:
+    """The cheap checks of an adapter (a ``glip finetune`` artifact or run folder): its header is
+    read (no tensor), and with ``captions`` it must fit the prompt (a prompt offset fits only the
+    caption it was trained for). Returns the header, ``(metadata, file, kind)``."""
+    from .training.artifacts import check_adapter_caption, read_artifact_header
+
+    header = read_artifact_header(adapter)
+    if captions is not None:
+        check_adapter_caption(*header, captions)
+    return header
+
+
 def load(
     weights: str | os.PathLike = "glip-t",
     device: str = "auto",
@@ -154,14 +166,17 @@ def load(
 
     The device, the weights name, the tokenizer and the adapter are checked before the weights
     are read."""
-    from .training.artifacts import apply_adapter, read_artifact_header
+    from .training.artifacts import apply_adapter
 
     dev = resolve_device(device)
     check_weights(weights)
     tok = resolve_tokenizer(tokenizer, weights)
-    header = read_artifact_header(adapter) if adapter is not None else None
-    explicit = os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None
-    model, _ = load_model(weights, variant=variant, tokenizer=explicit)
+    header = check_adapter(adapter) if adapter is not None else None
+    if isinstance(tokenizer, (str, os.PathLike)):
+        name = os.fspath(tokenizer)
+    else:  # a loaded tokenizer (or the default one): the model's config records where it came from
+        name = getattr(tok, "name_or_path", None) or None
+    model, _ = load_model(weights, variant=variant, tokenizer=name)
     if adapter is not None:
         model = apply_adapter(model, adapter, weights=weights)
     return Detector(model, tok, dev, weights=weights, adapter=header, amp=amp)
@@ -366,48 +381,46 @@ class Detector:
         data_root: str | os.PathLike | None = None,
         split: str | None = "test",
         *,
-        batch_size: int = 1,
+        batch_size: int | None = None,
         workers: int | None = None,
         progress: bool = True,
     ) -> dict[str, Any]:
-        """COCO metrics (``AP``, ``AP50``, ``AP75``, ``APs``/``APm``/``APl``, ``AR@1``... and
+        """COCO metrics (``AP``, ``AP50``, ``AP75``, ``APs``/``APm``/``APl``, ``AR1``... and
         ``per_category``; LVIS metrics for the LVIS recipes) of zero-shot detection on a dataset,
-        as ``glip zeroshot eval`` computes them (same prompt, resize and per-image limit: the
-        recipe's evaluation settings).
+        as ``glip zeroshot eval`` computes them: the same prompt, and the recipe's evaluation
+        settings (resize, detections kept per image, batch size: 1 on a CPU, 4 on CUDA).
 
         ``recipe_or_ann``: a recipe name (``glip recipes list``) or YAML file, whose files are
         under ``data_root`` (default ``$GLIP_DATA``, else ``./DATASET``) and ``split`` (None: the
-        recipe's evaluation split); or, with ``images`` (the image folder), a COCO annotation file."""
+        recipe's evaluation split); or, with ``images`` (the image folder), a COCO annotation file.
+        Images missing on disk are left out of the metrics (``num_skipped_images`` says how many)."""
         from .datasets import default_data_root
-        from .zeroshot import evaluation_recipe, prepare_task, task_metrics
+        from .zeroshot import evaluation_recipe, in_dataset_order, prepare_task, run_task, task_metrics
 
         if images is not None:
-            recipe = evaluation_recipe(ann=Path(recipe_or_ann), images=Path(images), split=split or "val")
+            recipe = evaluation_recipe(ann=Path(recipe_or_ann), images=Path(images))
+            split = None
         else:
-            recipe = evaluation_recipe(recipe=os.fspath(recipe_or_ann))
+            recipe = evaluation_recipe(os.fspath(recipe_or_ann))
         root = Path(data_root) if data_root is not None else default_data_root()
-        task = prepare_task(recipe, split=split if images is None else None, data_root=root)
+        task = prepare_task(recipe, split=split, data_root=root)
         detection_prompt, notes = task.prompt(self.tokenizer)
         for note in notes:
             warnings.warn(note, stacklevel=2)
+        self.check_captions(detection_prompt.captions)
         encoded = EncodedPrompt.from_chunks(self.tokenizer, detection_prompt.chunks, self.max_len)
-        self.check_captions(encoded.captions)
         ev = recipe.evaluation
-        dataset = DetectionDataset(task.coco, task.img_dir, self.input_config(ev.min_size, ev.max_size))
-        if dataset.num_missing:
-            warnings.warn(
-                f"{dataset.num_missing} image(s) listed in {task.ann_file.name} are missing: skipped", stacklevel=2
-            )
-        workers = default_workers(self.device) if workers is None else workers
-        loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=self.device.type == "cuda")
+        dataset = task.dataset(self.input_config(ev.min_size, ev.max_size))
         with progress_bar() as bar, self._detections_per_image(ev.detections_per_img):
             job = bar.add_task("evaluate", total=len(dataset), info="", unit="img", visible=progress)
-            results = evaluate_dataset(
+            results = run_task(
                 self.model,
-                loader,
+                dataset,
                 encoded,
                 device=self.device,
-                amp=self.amp,
+                batch_size=batch_size or ev.batch_size_on(self.device),
+                workers=workers,
+                amp=self.amp or ev.amp,
                 progress=lambda n: bar.update(job, advance=n),
             )
-        return task_metrics(task, results, encoded.captions)
+        return task_metrics(task, dataset, in_dataset_order(results, dataset), encoded.captions, ev.detections_per_img)

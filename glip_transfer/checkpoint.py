@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from .config import GLIPConfig, from_dict, to_dict, variant_config
+from .files import write_file
 
 
 class CheckpointError(ValueError):
@@ -37,25 +37,8 @@ _IGNORED_SUFFIXES = ("embeddings.position_ids",)
 _IGNORED_PARTS = (".pooler.",)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file in the same folder, flush it to disk, then rename
-    it over ``path``: readers never see a half-written file, and a crash leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-atomic_write = _atomic_write
+atomic_write = write_file
+"""The output writer of :mod:`glip_transfer.files` under its earlier name (code written against it)."""
 
 
 def _torch_load(path: Path) -> dict:
@@ -273,7 +256,7 @@ def save_state(state: dict[str, torch.Tensor], cfg: GLIPConfig, path: str | Path
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"format": "glip-transfer", "glip_config": json.dumps(to_dict(cfg))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=meta))
+    write_file(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def save_model(model: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> None:

@@ -359,10 +359,11 @@ def _as_coco_data(coco: CocoData | str | os.PathLike) -> CocoData:
 
 
 def _existing_images(
-    coco: CocoData, image_root: Path, image_ids: Iterable | None
-) -> list[tuple[Any, Path, tuple[int, int]]]:
-    """``(image_id, path, (json_width, json_height))`` of the listed images found on disk; warns with
-    the count of missing ones and raises :class:`DataError` when none is found."""
+    coco: CocoData, image_root: Path, image_ids: Iterable | None, left_out: str = "skipped"
+) -> tuple[list[tuple[Any, Path, tuple[int, int]]], list[str]]:
+    """``(image_id, path, (json_width, json_height))`` of the listed images found on disk, and the
+    ``file_name`` of each one that is not; warns once with the count of missing ones (saying what
+    happens to them: ``left_out``) and raises :class:`DataError` when none is found."""
     ids = list(coco.images) if image_ids is None else list(image_ids)
     unknown = [i for i in ids if i not in coco.images]
     if unknown:
@@ -376,19 +377,19 @@ def _existing_images(
         if file.is_file():
             found.append((image_id, file, (int(entry["width"]), int(entry["height"]))))
         else:
-            missing.append(file)
+            missing.append(entry["file_name"])
     if not found:
         raise DataError(
-            f"{coco.path}: none of the {len(ids)} images was found under {image_root} (first: {missing[0]}); "
-            "check the image root"
+            f"{coco.path}: none of the {len(ids)} images was found under {image_root} "
+            f"(first: {image_root / missing[0]}); check the image root"
         )
     if missing:
         warnings.warn(
-            f"{coco.path}: {len(missing)} of {len(ids)} images not found under {image_root} (first: {missing[0]}); "
-            "skipping them",
+            f"{len(missing)} of {len(ids)} images listed in {coco.path.name} are missing under {image_root} "
+            f"(first: {missing[0]}): {left_out}",
             stacklevel=3,
         )
-    return found
+    return found, missing
 
 
 def _load_for_dataset(path: Path, json_wh: tuple[int, int], exif: ExifMode) -> Image.Image:
@@ -409,7 +410,7 @@ class DetectionDataset(Dataset):
     and ``info`` = ``{"image_id", "index": i, "file", "original_size": (H, W) from the annotation
     file (the size predictions are mapped back to, as the reference does), "loaded_size": (H, W) of
     the decoded image, "resized_size": (h, w)}``. Images listed but missing on disk are skipped with
-    one warning (``num_missing`` counts them).
+    one warning; :attr:`missing` lists their file names (the metrics leave them out and say so).
     """
 
     def __init__(
@@ -426,8 +427,14 @@ class DetectionDataset(Dataset):
         self.cfg = cfg
         self.exif = exif
         ids = list(self.coco.images) if image_ids is None else list(image_ids)
-        self.entries = _existing_images(self.coco, self.image_root, ids)
-        self.num_missing = len(ids) - len(self.entries)
+        self.entries, self.missing = _existing_images(
+            self.coco, self.image_root, ids, "skipped, and left out of the metrics"
+        )
+
+    @property
+    def num_missing(self) -> int:
+        """Images listed in the annotation file but missing on disk (:attr:`missing` names them)."""
+        return len(self.missing)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -625,7 +632,7 @@ class TrainingDataset(Dataset):
         self.epoch = 0
         self.exif = exif
         by_image = self.coco.annotations_by_image
-        entries = _existing_images(self.coco, self.image_root, image_ids)
+        entries, _ = _existing_images(self.coco, self.image_root, image_ids, "not trained on")
         self.annotations = {
             image_id: [a for a in by_image[image_id] if not a.get("iscrowd", 0)] for image_id, _, _ in entries
         }

@@ -162,7 +162,8 @@ def evaluate_dataset(
     must be the dataset's category ids. ``on_batch`` receives each batch's results as soon as they
     exist, with the batch's image ids (for incremental writing); images in ``skip_image_ids`` are
     not run. Results come in dataset order (the ``"index"`` of each info, else the order of
-    arrival), whatever order the loader's batches had."""
+    arrival), whatever order the loader's batches had. ``progress`` receives the number of
+    images run in each batch (those skipped are not counted again)."""
     label_to_category = {i + 1: cid for i, cid in enumerate(prompt.label_ids)}
     per_image: dict[int, list[dict]] = {}
     model.eval()
@@ -182,6 +183,6 @@ def evaluate_dataset(
                 batch_results.extend(image_results)
             if on_batch is not None:
                 on_batch([info["image_id"] for info in infos], batch_results)
-        if progress is not None:
-            progress(len(infos))
+            if progress is not None:
+                progress(len(infos))
     return [r for index in sorted(per_image) for r in per_image[index]]

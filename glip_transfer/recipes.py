@@ -87,13 +87,26 @@ class Category:
 
 
 @dataclass
-class Evaluation:
+class EvaluationConfig:
+    """How a model is evaluated on a dataset: the one set of settings that ``glip zeroshot eval``
+    and validation / test in ``glip finetune`` share (a recipe's ``evaluation:`` section, then
+    ``--set evaluation.KEY=VALUE``). Thresholds (``model.postprocess.*``) are the model's; both
+    commands record the settings in force in their provenance."""
+
     split: str = "val"
     min_size: int = 800  # INPUT.MIN_SIZE_TEST
     max_size: int = 1333  # INPUT.MAX_SIZE_TEST
     detections_per_img: int = 100
     chunk_size: int | None = None  # TEST.CHUNKED_EVALUATION; None = one caption (chunked only if too long)
     metric: str = "coco"  # coco | lvis_fixed_ap | lvis
+    batch_size: int | None = None  # images per forward: None = 1 on a CPU, 4 on CUDA (results do not depend on it)
+    amp: bool = False  # CUDA mixed precision (bf16 where supported, else fp16); a CPU stays float32
+
+    def batch_size_on(self, device) -> int:
+        """The batch size in force on ``device`` (a ``torch.device`` or its name)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 4 if str(getattr(device, "type", device)).startswith("cuda") else 1
 
     def model_overrides(self) -> list[str]:
         """The model settings (``--set model.*`` form, prefix removed) that evaluate as this says:
@@ -103,6 +116,10 @@ class Evaluation:
             f"input.max_size={self.max_size}",
             f"postprocess.detections_per_img={self.detections_per_img}",
         ]
+
+
+Evaluation = EvaluationConfig
+"""The earlier name of :class:`EvaluationConfig`."""
 
 
 @dataclass
@@ -173,7 +190,7 @@ class Recipe:
     aliases: list[str] = field(default_factory=list)
     few_shot: FewShotFiles | None = None
     prompts: str | None = None  # prompt file: a path, or a name in prompts_dir()
-    evaluation: Evaluation = field(default_factory=Evaluation)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tuning: Tuning | None = None
     path: str | None = None  # where it was read from (set by load_recipe)
 
@@ -386,6 +403,10 @@ def _validate(recipe: Recipe, where: str) -> None:
         )
     if ev.detections_per_img < 1:
         raise RecipeError(f"{where}: evaluation.detections_per_img must be >= 1, got {ev.detections_per_img}")
+    if ev.batch_size is not None and ev.batch_size < 1:
+        raise RecipeError(
+            f"{where}: evaluation.batch_size must be >= 1 or null (1 on a CPU, 4 on CUDA), got {ev.batch_size}"
+        )
     if ev.chunk_size is not None and ev.chunk_size < 1:
         raise RecipeError(f"{where}: evaluation.chunk_size must be >= 1 or null, got {ev.chunk_size}")
     if ev.metric not in METRICS:
@@ -660,6 +681,31 @@ def split_paths(recipe: Recipe, split: str, data_root: Path) -> tuple[Path, Path
                 f"{download_hint(recipe, data_root)}"
             )
     return ann, images
+
+
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test", "minival", "test-dev", "testdev")
+_GENERIC_NAMES = ("annotations", "annotation", "instances", "labels", "label", "coco")
+
+
+def dataset_name(ann_file: str | os.PathLike, *, with_split: bool = True) -> str:
+    """A folder name for the dataset of an annotation file given without a recipe (``--ann``),
+    from the folders around it rather than the file's own name, which is often generic:
+    ``trees/annotations.json`` -> ``trees``; Roboflow's ``aquarium/valid/_annotations.coco.json``
+    -> ``aquarium_valid`` (``aquarium`` without the split); ``coco/annotations/instances_val2017.json``
+    -> ``coco_instances_val2017``; ``my/val.json`` -> ``my_val``."""
+    path = Path(ann_file).resolve()
+    folder = path.parent
+    stem = path.name[: -len(".json")] if path.name.lower().endswith(".json") else path.stem
+    plain = stem.lower().lstrip("_").removesuffix(".coco")
+    if folder.name.lower() in SPLIT_NAMES:
+        parts = [folder.parent.name] + ([folder.name] if with_split else [])
+    elif folder.name.lower() in _GENERIC_NAMES:
+        parts = [folder.parent.name]
+    else:
+        parts = [folder.name]
+    if plain not in _GENERIC_NAMES and (with_split or plain not in SPLIT_NAMES):
+        parts.append(stem)
+    return safe_name("_".join(p for p in parts if p))
 
 
 def safe_name(name: str) -> str:

@@ -53,6 +53,12 @@ def autocast_dtype(device: torch.device, enabled: bool, dtype: AmpDtype = "auto"
     return getattr(torch, dtype)
 
 
+def precision_name(device: torch.device, enabled: bool, dtype: AmpDtype = "auto") -> str:
+    """``float32``, ``bfloat16`` or ``float16``: the precision :func:`autocast` runs a forward in."""
+    chosen = autocast_dtype(torch.device(device), enabled, dtype)
+    return "float32" if chosen is None else str(chosen).removeprefix("torch.")
+
+
 def autocast(device: torch.device, enabled: bool, dtype: AmpDtype = "auto") -> contextlib.AbstractContextManager:
     """CUDA autocast in :func:`autocast_dtype`'s precision; a no-op where that is float32."""
     chosen = autocast_dtype(device, enabled, dtype)

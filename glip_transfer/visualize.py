@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .checkpoint import atomic_write
+from .files import write_file
 
 
 def label_color(index: int) -> tuple[int, int, int]:
@@ -56,4 +56,4 @@ def draw_detections(image: Image.Image, detections: list[dict], label_names: lis
 
 
 def save_png(image: Image.Image, path: str | Path) -> None:
-    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    write_file(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,20 +1,30 @@
-"""Zero-shot evaluation on a dataset, the library under ``glip zeroshot eval`` and
-:meth:`glip_transfer.api.Detector.evaluate`: the recipe (a named one, or one made from COCO files),
-the split's files and annotations (:func:`prepare_task`, cheap: no model) and its evaluation prompt
-(:meth:`ZeroShotTask.prompt`), and the
-metrics of the detections (:func:`task_metrics`). Running the model is
-:func:`glip_transfer.inference.evaluate_dataset`; the command adds the run folder around it
-(partial results, resuming, result files).
+"""Zero-shot evaluation on a dataset: the library under ``glip zeroshot eval`` and
+:meth:`glip_transfer.api.Detector.evaluate`.
+
+* :func:`evaluation_recipe`: the recipe (a named one, or one made from a COCO file and its
+  images) with the ``--set`` overrides of its own keys;
+* :func:`prepare_task`: the split's files and validated annotations (cheap: no model), as a
+  :class:`ZeroShotTask` whose :meth:`~ZeroShotTask.prompt` is the evaluation prompt of its
+  categories;
+* :func:`run_task`: the model on the task's images (:func:`glip_transfer.inference.evaluate_dataset`),
+  results in dataset order;
+* :func:`task_metrics`: AP/AR on exactly the images run
+  (:func:`glip_transfer.evaluation.evaluate_detections`).
+
+The command adds the run folder around these (lock, partial results, resume, provenance, files).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .data import CocoData, load_coco
-from .evaluation import coco_evaluate, lvis_evaluate
+import torch
+
+from .config import InputConfig
+from .data import CocoData, DetectionDataset, default_workers, load_coco, make_loader
+from .evaluation import evaluate_detections
 from .prompts import DetectionPrompt
 from .recipes import (
     Recipe,
@@ -68,6 +78,11 @@ class ZeroShotTask:
             )
         return prompt, notes
 
+    def dataset(self, input_cfg: InputConfig) -> DetectionDataset:
+        """The split's images (those missing on disk left out, with one warning) transformed as
+        ``input_cfg`` says."""
+        return DetectionDataset(self.coco, self.img_dir, input_cfg)
+
 
 def prepare_task(recipe: Recipe, *, split: str | None, data_root: Path) -> ZeroShotTask:
     """The split (None: the recipe's evaluation split) of ``recipe`` under ``data_root``: its files
@@ -78,16 +93,54 @@ def prepare_task(recipe: Recipe, *, split: str | None, data_root: Path) -> ZeroS
     return ZeroShotTask(recipe, split, ann_file, img_dir, load_coco(ann_file, require_annotations=False))
 
 
-def task_metrics(task: ZeroShotTask, results: list[dict], captions: list[str]) -> dict[str, Any]:
-    """The metrics of ``results`` (COCO detection results) on the task's split: COCO AP, or LVIS
-    AP for the LVIS recipes (``per_category`` empty there), with the recipe name and the
+def run_task(
+    model,
+    dataset: DetectionDataset,
+    encoded,
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None = None,
+    amp: bool = False,
+    cache_text: bool = True,
+    done_ids: set | None = None,
+    on_batch: Callable[[list, list[dict]], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """COCO results of ``model`` prompted with ``encoded`` on the images of ``dataset`` not in
+    ``done_ids`` (batches of ``batch_size``, ``workers`` loading processes: None is
+    :func:`~glip_transfer.data.default_workers`), in dataset order; ``on_batch`` / ``progress``
+    as :func:`~glip_transfer.inference.evaluate_dataset` takes them."""
+    from .inference import evaluate_dataset
+
+    workers = default_workers(device) if workers is None else workers
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
+    return evaluate_dataset(
+        model,
+        loader,
+        encoded,
+        device=device,
+        cache_text=cache_text,
+        on_batch=on_batch,
+        skip_image_ids=done_ids,
+        amp=amp,
+        progress=progress,
+    )
+
+
+def in_dataset_order(results: list[dict], dataset: DetectionDataset) -> list[dict]:
+    """``results`` sorted by their image's place in ``dataset`` (however batched or resumed)."""
+    position = {entry[0]: i for i, entry in enumerate(dataset.entries)}
+    return sorted(results, key=lambda r: position.get(r["image_id"], len(position)))
+
+
+def task_metrics(
+    task: ZeroShotTask, dataset: DetectionDataset, results: list[dict], captions: list[str], max_dets: int
+) -> dict[str, Any]:
+    """AP/AR of ``results`` on exactly the images of ``dataset`` that were run (COCO, or LVIS for
+    the LVIS recipes; ``max_dets`` detections kept per image), with the recipe name and the
     captions the detections were made with."""
-    ev = task.recipe.evaluation
-    if ev.metric.startswith("lvis"):
-        metrics = lvis_evaluate(task.ann_file, results, max_dets=ev.detections_per_img)
-        metrics.setdefault("per_category", [])
-    else:
-        metrics = coco_evaluate(task.coco, results)
+    metrics = evaluate_detections(dataset, results, metric=task.recipe.evaluation.metric, max_dets=max_dets)
     metrics["recipe"] = task.recipe.name
-    metrics["captions"] = captions
+    metrics["captions"] = list(captions)
     return metrics

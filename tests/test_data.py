@@ -292,9 +292,9 @@ def test_default_workers():
 def test_missing_images_skipped_with_warning(tmp_path):
     ann = _write_dataset(tmp_path)
     (tmp_path / "images" / "a.png").unlink()
-    with pytest.warns(UserWarning, match="1 of 2 images not found"):
+    with pytest.warns(UserWarning, match="1 of 2 images listed in .* are missing"):
         ds = DetectionDataset(ann, tmp_path / "images", InputConfig())
-    assert len(ds) == 1 and ds.num_missing == 1
+    assert len(ds) == 1 and ds.num_missing == 1 and ds.missing == ["a.png"]
     with pytest.raises(DataError, match="none of the 2 images was found"):
         DetectionDataset(ann, tmp_path / "elsewhere", InputConfig())
 

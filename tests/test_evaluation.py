@@ -160,3 +160,26 @@ def test_tables_fit_80_columns(tmp_path):
 def test_lvis_missing_gives_install_hint(tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'glip-transfer\[lvis\]'"):
         lvis_evaluate(tmp_path / "lvis.json", [])
+
+
+def test_more_than_100_objects_per_image_add_ap_and_ar_at_n(tmp_path):
+    """COCO counts 100 detections per image; with max_dets above that, AP@N / AR@N are added and
+    COCO's own twelve numbers do not change."""
+    boxes = [[(i % 15) * 40, (i // 15) * 40, 30, 30] for i in range(150)]
+    images = [{"id": 1, "file_name": "1.jpg", "width": 640, "height": 480}]
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b, "iscrowd": 0} for k, b in enumerate(boxes)]
+    path = tmp_path / "crowd.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES[:1]}))
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - k / 1000} for k, b in enumerate(boxes)
+    ]
+    coco = coco_evaluate(path, results)
+    assert coco["AR100"] == pytest.approx(100 / 150) and "AP@200" not in coco
+    more = coco_evaluate(path, results, max_dets=200)
+    assert more["AR@200"] == pytest.approx(1.0) and more["AP@200"] == pytest.approx(1.0)
+    assert {k: more[k] for k in METRIC_KEYS} == {k: coco[k] for k in METRIC_KEYS}
+    assert more["per_category"] == coco["per_category"]
+    table = Console(width=100, record=True)
+    table.print(summary_table(more))
+    text = table.export_text()
+    assert "AP@200" in text and "up to 200 detections per image" in text

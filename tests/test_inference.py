@@ -184,3 +184,40 @@ def test_split_by_padded_size_rebuilds_each_images_own_input():
     same, _ = pad_batch([images[0], images[2]], 32)
     [(indices, sub)] = split_by_padded_size(same, [sizes[0], sizes[2]], 32)
     assert indices == [0, 1] and sub is same  # already one padded size: no copy
+
+
+def test_validation_metrics_leave_out_missing_images_and_say_so(model, tokenizer, tmp_path):
+    """Validation / test in training (training/evaluate.py) evaluates exactly the images it ran."""
+    from glip_transfer.config import InputConfig
+    from glip_transfer.data import DetectionDataset
+    from glip_transfer.training.evaluate import evaluate
+
+    ann, images = mixed_size_dataset(tmp_path / "m")
+    (images / "0.png").unlink()
+    with pytest.warns(UserWarning, match="1 of 9 images"):
+        dataset = DetectionDataset(ann, images, InputConfig(min_size=96, max_size=160))
+    prompt = build_detection_prompt(tokenizer, [(3, "red square"), (4, "blue circle")], warn=False)
+    encoded = EncodedPrompt.from_chunks(tokenizer, prompt.chunks, 256)
+    _, metrics = evaluate(model, dataset, encoded, batch_size=2, device=torch.device("cpu"))
+    assert metrics["num_images"] == 8
+    assert metrics["num_skipped_images"] == 1 and metrics["skipped_images"] == ["0.png"]
+
+
+def test_progress_counts_only_the_images_run(model, mixed):
+    """Resuming: images already done are not run and not counted again (the bar showed 84/60)."""
+    from glip_transfer.data import make_loader
+    from glip_transfer.inference import evaluate_dataset
+
+    dataset, prompt = mixed
+    done = {e[0] for e in dataset.entries[:4]}
+    counted = []
+    results = evaluate_dataset(
+        model,
+        make_loader(dataset, batch_size=3),
+        prompt,
+        device=torch.device("cpu"),
+        skip_image_ids=done,
+        progress=counted.append,
+    )
+    assert sum(counted) == len(dataset) - len(done)
+    assert {r["image_id"] for r in results}.isdisjoint(done)

@@ -16,24 +16,46 @@ from typer.models import ArgumentInfo, OptionInfo
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..data import DataError
+from ..files import OutputError
 from ..prompts import PromptError
+from ..runlock import RunLocked
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, CheckpointError, DataError, PromptError, FileNotFoundError)
-"""Exceptions that describe bad input (recipe and adapter errors are subclasses): shown as one
-line, never as a stack trace."""
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    CheckpointError,
+    DataError,
+    PromptError,
+    FileNotFoundError,
+    OutputError,
+    RunLocked,
+)
+"""Exceptions that describe bad input (recipe and adapter errors are subclasses), an output that
+cannot be written (a full disk) and a run folder in use: shown as one line, never as a stack trace."""
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` (the message as plain text: brackets in it are not Rich markup)
+    and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one readable line (no source location), on stderr."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """``warning: message`` on stderr, the message as plain text."""
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """``note: message`` on stderr, the message as plain text (names from data may hold brackets)."""
+    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def handle_errors(fn):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from rich.table import Table
 
 from ..config import check_inference_settings
 from ..data import load_image
-from ..evaluation import atomic_write_text
+from ..files import STDOUT, is_direct, write_text
 from ..runtime import progress_bar, resolve_device
 from ..tokenizer import TOKENIZER_ENV
 from ..visualize import draw_detections, save_png
@@ -29,6 +28,7 @@ from .common import (
     err_console,
     fail,
     handle_errors,
+    note,
 )
 
 TABLE_LIMIT = 50
@@ -71,25 +71,26 @@ def output_names(paths: list[Path]) -> list[str]:
 def check_outputs(out: Path | None, json_path: Path | None, png_names: list[str], force: bool) -> None:
     """Refuse, before anything runs, outputs that cannot be written or would replace the user's
     files without ``--force``: ``--json`` naming a folder, ``--out`` naming a file, a parent that
-    is a file, an existing JSON file or annotated PNG."""
+    is a file, an existing JSON file or annotated PNG. Standard output (``--json -``) and devices
+    or FIFOs (``/dev/null``) are written in place and never refused."""
     for path, option in ((json_path, "--json"), (out, "--out")):
-        if path is None or (option == "--json" and str(path) == "-"):
+        if path is None or is_direct(path):
             continue
         parent = next((p for p in path.parents if p.exists()), None)
         if parent is not None and not parent.is_dir():
             fail(f"{option} {path}: {parent} is a file, not a folder")
-    if json_path is not None and str(json_path) != "-":
+    if json_path is not None and not is_direct(json_path):
         if json_path.is_dir():
             fail(f"--json {json_path} is a folder: give a file name, e.g. --json {json_path / 'detections.json'}")
         if json_path.exists() and not force:
-            fail(f"{json_path} exists: pass --force to overwrite it, or choose another --json")
+            fail(f"--json {json_path} exists: pass --force to overwrite it, or choose another file")
     if out is not None:
         if out.exists() and not out.is_dir():
             fail(f"--out {out} is a file: give a folder for the annotated PNGs")
         existing = [name for name in png_names if (out / name).exists()] if out.is_dir() else []
         if existing and not force:
             more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            fail(f"{out / existing[0]} exists{more}: pass --force to overwrite, or choose another --out")
+            fail(f"--out: {out / existing[0]} exists{more}: pass --force to overwrite, or choose another --out")
 
 
 def _box(box: list[float]) -> str:
@@ -171,7 +172,7 @@ def predict_command(
     Without --out / --json: a table of the detections per image (counts per class when there are many).
     """
     # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
-    from ..api import build_prompt, check_weights, load, resolve_tokenizer
+    from ..api import build_prompt, check_adapter, check_weights, load, resolve_tokenizer
 
     # everything cheap first: options, prompt arguments, inputs, outputs, weights name, tokenizer, prompt
     check_inference_settings(threshold=threshold, max_detections=max_detections, min_size=min_size, max_size=max_size)
@@ -179,7 +180,7 @@ def predict_command(
         fail('give exactly one of --classes "a,b,c" or --prompt "free text"')
     if phrase and prompt is None:
         fail("--phrase needs --prompt")
-    to_stdout = json_path is not None and str(json_path) == "-"
+    to_stdout = json_path is not None and str(json_path) == STDOUT
     paths = collect_images(images)
     png_names = output_names(paths)
     check_outputs(out, json_path, png_names, force)
@@ -188,9 +189,11 @@ def predict_command(
     tok = resolve_tokenizer(tokenizer, weights)
     labelled = build_prompt(tok, classes=classes, prompt=prompt, phrases=phrase or None)
     for notice in labelled.notices:
-        err_console.print(f"[yellow]note:[/] {escape(notice)}", highlight=False, soft_wrap=True)
+        note(notice)
+    if adapter is not None:
+        check_adapter(adapter, labelled.captions)
 
-    detector = load(weights, device=device, tokenizer=tokenizer, adapter=adapter, variant=variant, amp=amp)
+    detector = load(weights, device=device, tokenizer=tok, adapter=adapter, variant=variant, amp=amp)
     records: dict[int, dict] = {}
     skipped = 0
     found = 0
@@ -211,11 +214,8 @@ def predict_command(
             bar.update(task, advance=1, info=f"{found} detections")
     ordered = [records[i] for i in sorted(records)]  # input order, however batched
 
-    if to_stdout:
-        sys.stdout.write(json.dumps(ordered, indent=1) + "\n")
-        sys.stdout.flush()
-    elif json_path is not None:
-        atomic_write_text(json_path, json.dumps(ordered, indent=1))
+    if json_path is not None:
+        write_text(json_path, json.dumps(ordered, indent=1) + ("\n" if to_stdout else ""))
     if out is None and json_path is None:
         for table in detection_tables(ordered, threshold):
             console.print(table)

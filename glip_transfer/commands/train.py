@@ -19,7 +19,7 @@ import typer
 from rich.table import Table
 
 from ..config import check_inference_settings
-from ..evaluation import atomic_write_text
+from ..files import write_text
 from ..tokenizer import TOKENIZER_ENV
 from .common import (
     DATA_ROOT_HELP,
@@ -223,7 +223,7 @@ def _seed_summary(summaries, folder: Path) -> None:
     table.add_row("[bold]mean ± std[/]", *cells)
     console.print(table)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(folder) / "seeds.json", json.dumps(out, indent=2) + "\n")
+    write_text(Path(folder) / "seeds.json", json.dumps(out, indent=2) + "\n")
 
 
 @handle_errors

@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_write, read_safetensors, weights_sha256
+from ..checkpoint import CheckpointError, read_safetensors, weights_sha256
+from ..files import write_file, write_text
 from ..model.glip import GLIP
 from .lora import LORA_MARK, load_lora_folder, lora_config_json
 
@@ -117,7 +118,7 @@ def save_prompt_artifact(
     path = Path(path)
     tensors = {PROMPT_TENSOR: offset.detach().to(torch.float32).contiguous().cpu()}
     meta = _meta(ArtifactKind.PROMPT.value, caption, recipe, base, extra)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return path
 
 
@@ -134,7 +135,7 @@ def save_weights_artifact(
     """The changed weights (official names) as safetensors with metadata (model + train config in ``extra``)."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=_meta(mode, caption, recipe, base, extra)))
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=_meta(mode, caption, recipe, base, extra)))
     return path
 
 
@@ -157,8 +158,8 @@ def save_lora_artifact(
     }
     text = lora_config_json(lora_config)
     meta = _meta(ArtifactKind.LORA.value, caption, recipe, base, extra)
-    atomic_write(folder / LORA_CONFIG, lambda tmp: Path(tmp).write_text(text))
-    atomic_write(folder / LORA_WEIGHTS, lambda tmp: save_file(peft_state, tmp, metadata=meta))
+    write_text(folder / LORA_CONFIG, text)
+    write_file(folder / LORA_WEIGHTS, lambda tmp: save_file(peft_state, tmp, metadata=meta))
     return folder
 
 

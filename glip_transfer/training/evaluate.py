@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from ..data import DetectionDataset, make_loader
-from ..evaluation import coco_evaluate
+from ..evaluation import evaluate_detections
 from ..inference import EncodedPrompt, evaluate_dataset
 from ..model.glip import GLIP
 
@@ -23,8 +23,10 @@ def evaluate(
     amp: bool = False,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    metric: str = "coco",
 ) -> tuple[list[dict], dict[str, Any]]:
-    """COCO results and metrics (``AP``, ``AP50``, ..., ``per_category``) of ``model`` (with its
+    """COCO results and metrics (``AP``, ``AP50``, ..., ``per_category``; the images evaluated and
+    those skipped, :func:`~glip_transfer.evaluation.evaluate_detections`) of ``model`` (with its
     prompt offset, if any) on ``dataset`` prompted with ``prompt`` (its cached text features are
     cleared first: the language backbone may have changed)."""
     prompt.clear_cache()
@@ -34,5 +36,7 @@ def evaluate(
         results = evaluate_dataset(model, loader, prompt, device=device, amp=amp, progress=progress)
     model.train(was_training)
     prompt.clear_cache()
-    metrics = coco_evaluate(dataset.coco, results, image_ids=[e[0] for e in dataset.entries])
+    metrics = evaluate_detections(
+        dataset, results, metric=metric, max_dets=model.cfg.postprocess.detections_per_img
+    )
     return results, metrics

@@ -32,7 +32,8 @@ from rich.console import Console
 from ..checkpoint import load_model
 from ..config import ConfigError, override_dataclass, split_overrides, to_dict, variant_config
 from ..data import DetectionDataset, load_coco
-from ..evaluation import atomic_write_text, scalar_metrics, write_results
+from ..evaluation import scalar_metrics, write_results
+from ..files import write_text
 from ..inference import EncodedPrompt
 from ..model.glip import GLIP, build_glip
 from ..prompts import DetectionPrompt
@@ -484,7 +485,7 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
     )
     resumed = trainer.resume() if how == "resume" else False
     if main:
-        atomic_write_text(out / "config.json", json.dumps(run_config(prep), indent=2, default=str) + "\n")
+        write_text(out / "config.json", json.dumps(run_config(prep), indent=2, default=str) + "\n")
         if console is not None and resumed:
             console.print(
                 f"resuming at step {trainer.state.step} (epoch {trainer.state.epoch}, batch {trainer.state.batch})"
@@ -526,6 +527,6 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
             summary["plot_error"] = str(e)
-        atomic_write_text(out / RESULT_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+        write_text(out / RESULT_FILE, json.dumps(summary, indent=2, default=str) + "\n")
     barrier(prep.dist)
     return summary

@@ -22,7 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError
+from ..files import write_file
 
 STATE_FORMAT = "glip-transfer-train-state"
 
@@ -45,7 +46,7 @@ def save_state_file(path: str | Path, tensors: dict[str, torch.Tensor], state: d
     """Write ``tensors`` and the JSON-able ``state`` to ``path`` atomically, with a checksum."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": STATE_FORMAT, "state": json.dumps(state), "crc32": _crc(tensors)}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -38,8 +39,22 @@ from .prompts import PromptError, build_detection_prompt, phrase_prompt
 from .runtime import progress_bar, resolve_device
 from .tokenizer import DEFAULT_TOKENIZER, default_tokenizer, load_tokenizer
 
-ImageInput = Union[str, os.PathLike, Image.Image]
-"""An image file, or a PIL image already in memory (used as it is: no EXIF rotation)."""
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+"""An image file, a PIL image already in memory (used as it is: no EXIF rotation), or an array
+``[H, W, 3]`` (RGB) or ``[H, W]`` (gray) of uint8 pixels."""
+
+
+def as_image(image: ImageInput, index: int = 0) -> str | os.PathLike | Image.Image:
+    """A file or PIL image as it is; an array as a PIL image (a :class:`DataError` for an array
+    that is not 8-bit gray or RGB(A) pixels)."""
+    if not isinstance(image, np.ndarray):
+        return image
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise DataError(
+            f"image {index}: an array of shape {tuple(image.shape)} and dtype {image.dtype}; expected uint8 pixels "
+            "[H, W, 3] (RGB), [H, W, 4] (RGBA) or [H, W] (gray)"
+        )
+    return Image.fromarray(np.ascontiguousarray(image))
 
 DEFAULT_THRESHOLD = 0.5
 """Score a detection needs to be returned (``glip predict --threshold``)."""
@@ -279,8 +294,8 @@ class Detector:
         ``max_detections`` per image (default 100), ``min_size`` / ``max_size`` the test resize
         (default 800 / 1333) override the model's settings for this call. An image that cannot be
         read raises :class:`~glip_transfer.data.DataError`."""
-        single = isinstance(images, (str, os.PathLike, Image.Image))
-        items = [images] if single else list(images)
+        single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+        items = [as_image(image, i) for i, image in enumerate([images] if single else images)]
         check_inference_settings(
             threshold=threshold, max_detections=max_detections, min_size=min_size, max_size=max_size, cli=False
         )
@@ -381,6 +396,7 @@ class Detector:
         data_root: str | os.PathLike | None = None,
         split: str | None = "test",
         *,
+        overrides: Sequence[str] = (),
         batch_size: int | None = None,
         workers: int | None = None,
         progress: bool = True,
@@ -393,15 +409,24 @@ class Detector:
         ``recipe_or_ann``: a recipe name (``glip recipes list``) or YAML file, whose files are
         under ``data_root`` (default ``$GLIP_DATA``, else ``./DATASET``) and ``split`` (None: the
         recipe's evaluation split); or, with ``images`` (the image folder), a COCO annotation file.
-        Images missing on disk are left out of the metrics (``num_skipped_images`` says how many)."""
+        ``overrides``: the recipe's settings as ``glip zeroshot eval --set`` takes them
+        (``["evaluation.min_size=600"]``). Images missing on disk are left out of the metrics
+        (``num_skipped_images`` says how many)."""
+        from .config import ConfigError, split_overrides
         from .datasets import default_data_root
         from .zeroshot import evaluation_recipe, in_dataset_order, prepare_task, run_task, task_metrics
 
+        by = split_overrides(list(overrides), ("model",))
+        if by["model"]:
+            raise ConfigError(
+                f"overrides: 'model.{by['model'][0]}': model settings are fixed when load() builds the model; "
+                "evaluation.* keys (sizes, detections_per_img) apply here"
+            )
         if images is not None:
-            recipe = evaluation_recipe(ann=Path(recipe_or_ann), images=Path(images))
+            recipe = evaluation_recipe(ann=Path(recipe_or_ann), images=Path(images), overrides=by["recipe"])
             split = None
         else:
-            recipe = evaluation_recipe(os.fspath(recipe_or_ann))
+            recipe = evaluation_recipe(os.fspath(recipe_or_ann), overrides=by["recipe"])
         root = Path(data_root) if data_root is not None else default_data_root()
         task = prepare_task(recipe, split=split, data_root=root)
         detection_prompt, notes = task.prompt(self.tokenizer)

@@ -192,19 +192,6 @@ def to_dict(config: Any) -> dict:
     return convert(config)
 
 
-def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as ``{"a.b.c": value}`` (the keys ``--set`` takes); lists, and mappings
-    whose keys are not all text, stay values."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check and convert ``value`` to the field type ``annotation`` (ints to floats, lists to tuples)."""
     origin = typing.get_origin(annotation)
@@ -351,7 +338,7 @@ def override_dataclass(config: Any, overrides: list[str], where: str = "config")
         try:
             from_dict(type(config), apply_overrides(data, [text]), where)
         except ConfigError as e:
-            raise ConfigError(f"{e}{_set_example(data, text, where)}") from None
+            raise ConfigError(f"{e}{set_example(data, text, where)}") from None
     return from_dict(type(config), apply_overrides(data, overrides), where)
 
 
@@ -364,20 +351,23 @@ def set_syntax(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _set_example(data: dict, text: str, where: str) -> str:
-    """``"; e.g. --set train.min_sizes=[480,560]"`` for an override of an existing key, else a
-    pointer to the command that lists the keys."""
+def set_example(data: dict, text: str, where: str | None = None) -> str:
+    """What to append to the error of the override ``text`` on ``data`` (the settings as a dict,
+    under the section ``where``: ``train``, ``model``; None for a recipe's own keys): the key's
+    expected syntax with its current value (``"; write it as e.g. --set train.min_sizes=[480,560]"``),
+    its keys for a section, else a pointer to the command that lists every key."""
     path = text.split("=", 1)[0].strip().split(".")
     node: Any = data
     for part in path:
         if not isinstance(node, dict) or part not in node:
             return "; glip config show lists every key with its default"
         node = node[part]
+    key = ".".join(([where] if where else []) + path)
     if isinstance(node, dict):
-        return f"; {where}.{'.'.join(path)} is a section: set one of its keys ({', '.join(node)})"
+        return f"; {key} is a section: set one of its keys ({', '.join(map(str, node))})"
     if isinstance(node, (list, tuple)) and node:
         node = list(node)[:2]
-    return f"; write it as e.g. --set {where}.{'.'.join(path)}={set_syntax(node)}"
+    return f"; write it as e.g. --set {key}={set_syntax(node)}"
 
 
 # --------------------------------------------------------------------------- shared option checks

@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..config import flatten, set_syntax, split_overrides, to_dict, variant_config
+from ..config import ConfigError, set_syntax, split_overrides, to_dict, variant_config
 from .common import console, handle_errors
 
 app = typer.Typer(
@@ -31,13 +31,23 @@ def effective_settings(
     use, the ``--set`` overrides applied; the model keys and the recipe keys are also those of
     ``glip zeroshot eval``."""
     from ..config import override_dataclass
-    from ..recipes import Evaluation, load_recipe, override_recipe, recipe_to_dict
+    from ..provenance import flatten
+    from ..recipes import EvaluationConfig, load_recipe, override_recipe, recipe_to_dict
     from ..training.config import apply_train_overrides, pretrain_config
     from ..training.modes import train_config_for
 
     by = split_overrides(sets, ("train", "model"))
     rec = override_recipe(load_recipe(recipe), by["recipe"]) if recipe else None
-    evaluation = rec.evaluation if rec is not None else Evaluation()
+    if rec is not None:
+        evaluation = rec.evaluation
+    else:  # --ann runs: the default evaluation settings; other recipe keys need a recipe
+        by_evaluation = split_overrides(by["recipe"], ("evaluation",))
+        if by_evaluation["recipe"]:
+            raise ConfigError(
+                f"--set {by_evaluation['recipe'][0]}: without --recipe the keys are model.*, train.* and evaluation.*; "
+                "give --recipe NAME for a recipe's own keys"
+            )
+        evaluation = override_dataclass(EvaluationConfig(), by_evaluation["evaluation"], "evaluation")
     model = override_dataclass(variant_config(variant), evaluation.model_overrides() + by["model"], "model")
     train = apply_train_overrides(pretrain_config() if pretrain else train_config_for(rec, mode, shots), by["train"])
     if rec is not None:

@@ -334,12 +334,21 @@ def override_dataclass(config: Any, overrides: list[str], where: str = "config")
     if not overrides:
         return config
     data = to_dict(config)
-    for text in overrides:  # one at a time: an error names the override that caused it
-        try:
-            from_dict(type(config), apply_overrides(data, [text]), where)
-        except ConfigError as e:
-            raise ConfigError(f"{e}{set_example(data, text, where)}") from None
-    return from_dict(type(config), apply_overrides(data, overrides), where)
+    try:
+        return from_dict(type(config), apply_overrides(data, overrides), where)
+    except ConfigError as e:
+        raise ConfigError(explain_override(e, data, overrides, where)) from None
+
+
+def explain_override(error: Exception, data: dict, overrides: list[str], where: str | None = None) -> str:
+    """The message of ``error`` (raised by applying ``overrides`` to ``data``) with
+    :func:`set_example` of the override it is about: the last one whose key the message names."""
+    message = str(error)
+    for text in reversed(overrides):
+        path = text.split("=", 1)[0].strip()
+        if path and (path in message or path.split(".")[-1] in message):
+            return message + set_example(data, text, where)
+    return message
 
 
 def set_syntax(value: Any) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, set_example, to_dict
+from .config import ConfigError, apply_overrides, explain_override, from_dict, load_yaml, to_dict
 from .prompts import (
     DetectionPrompt,
     PromptError,
@@ -649,13 +649,10 @@ def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
     if not overrides:
         return recipe
     data = {k: v for k, v in recipe_to_dict(recipe).items() if k != "path"}
-    where = f"--set on {recipe.name}"
-    for text in overrides:  # one at a time: the error names the override and shows its syntax
-        try:
-            parse_recipe(apply_overrides(data, [text]), where=where, path=recipe.path)
-        except ConfigError as e:
-            raise RecipeError(f"{e}{set_example(data, text)}") from None
-    return parse_recipe(apply_overrides(data, overrides), where=where, path=recipe.path)
+    try:
+        return parse_recipe(apply_overrides(data, overrides), where=f"--set on {recipe.name}", path=recipe.path)
+    except ConfigError as e:  # with the syntax the override's key expects
+        raise RecipeError(explain_override(e, data, overrides)) from None
 
 
 def adhoc_recipe(splits: dict[str, tuple[Path, Path]], eval_split: str = "val") -> Recipe:

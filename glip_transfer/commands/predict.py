@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..config import check_inference_settings
 from ..data import load_image
@@ -97,15 +98,16 @@ def _box(box: list[float]) -> str:
     return ", ".join(f"{v:.1f}" for v in box)
 
 
-def detection_tables(records: list[dict], threshold: float) -> list[Table]:
-    """What ``glip predict`` prints without ``--out`` / ``--json``: a table per image (label,
-    score, box) when there are at most :data:`TABLE_LIMIT` detections in all, else one table of
-    counts per class."""
+def detection_tables(records: list[dict], threshold: float) -> list[Text | Table]:
+    """What ``glip predict`` prints without ``--out`` / ``--json``: for each image its name and
+    size, then a table of its detections (label, score, box), when there are at most
+    :data:`TABLE_LIMIT` detections in all; else one table of counts per class."""
     total = sum(len(r["detections"]) for r in records)
     if total <= TABLE_LIMIT:
-        tables = []
+        shown: list[Text | Table] = []
         for r in records:
-            table = Table(title=f"{escape(r['image'])} ({r['width']}x{r['height']})", title_justify="left")
+            shown.append(Text(f"{r['image']} ({r['width']}x{r['height']})", style="bold"))
+            table = Table()
             table.add_column("label")
             table.add_column("score", justify="right")
             table.add_column("box (x1, y1, x2, y2)", justify="right")
@@ -113,8 +115,8 @@ def detection_tables(records: list[dict], threshold: float) -> list[Table]:
                 table.add_row(escape(d["label"]), f"{d['score']:.4f}", _box(d["box"]))
             if not r["detections"]:
                 table.add_row(f"[dim]no detection at score >= {threshold}[/]", "", "")
-            tables.append(table)
-        return tables
+            shown.append(table)
+        return shown
     counts: dict[str, list] = defaultdict(lambda: [0, 0, 0.0])  # detections, images, best score
     for r in records:
         for label in {d["label"] for d in r["detections"]}:
@@ -217,8 +219,8 @@ def predict_command(
     if json_path is not None:
         write_text(json_path, json.dumps(ordered, indent=1) + ("\n" if to_stdout else ""))
     if out is None and json_path is None:
-        for table in detection_tables(ordered, threshold):
-            console.print(table)
+        for shown in detection_tables(ordered, threshold):
+            console.print(shown, soft_wrap=isinstance(shown, Text))
     summary = (
         f"{len(ordered)} image(s), {found} detection(s) at score >= {threshold}"
         + (f", {skipped} skipped" if skipped else "")

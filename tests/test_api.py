@@ -15,7 +15,6 @@ from glip_transfer.cli import app
 from glip_transfer.config import ConfigError
 from glip_transfer.data import DataError
 from glip_transfer.prompts import PromptError
-
 from test_zeroshot_cli import make_dataset
 
 runner = CliRunner()

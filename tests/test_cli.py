@@ -17,7 +17,7 @@ from glip_transfer.config import ConfigError, override_dataclass
 from glip_transfer.training.config import TrainConfig
 
 runner = CliRunner()
-WIDE = {"COLUMNS": "250", "TERMINAL_WIDTH": "250"}
+WIDE = {"COLUMNS": "250"}  # not TERMINAL_WIDTH: Typer reads it once, for every later help
 
 
 def invoke(*args, **kwargs):

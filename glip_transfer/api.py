@@ -41,7 +41,10 @@ from .tokenizer import DEFAULT_TOKENIZER, default_tokenizer, load_tokenizer
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 """An image file, a PIL image already in memory (used as it is: no EXIF rotation), or an array
-``[H, W, 3]`` (RGB) or ``[H, W]`` (gray) of uint8 pixels."""
+of uint8 pixels ``[H, W, 3]`` (RGB), ``[H, W, 4]`` (RGBA) or ``[H, W]`` (gray)."""
+
+DEFAULT_THRESHOLD = 0.5
+"""Score a detection needs to be returned (``glip predict --threshold``)."""
 
 
 def as_image(image: ImageInput, index: int = 0) -> str | os.PathLike | Image.Image:
@@ -55,9 +58,6 @@ def as_image(image: ImageInput, index: int = 0) -> str | os.PathLike | Image.Ima
             "[H, W, 3] (RGB), [H, W, 4] (RGBA) or [H, W] (gray)"
         )
     return Image.fromarray(np.ascontiguousarray(image))
-
-DEFAULT_THRESHOLD = 0.5
-"""Score a detection needs to be returned (``glip predict --threshold``)."""
 
 
 # --------------------------------------------------------------------------- prompts

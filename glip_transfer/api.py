@@ -414,6 +414,7 @@ class Detector:
         (``num_skipped_images`` says how many)."""
         from .config import ConfigError, split_overrides
         from .datasets import default_data_root
+        from .evaluation import crowded_images
         from .zeroshot import evaluation_recipe, in_dataset_order, prepare_task, run_task, task_metrics
 
         by = split_overrides(list(overrides), ("model",))
@@ -436,6 +437,9 @@ class Detector:
         encoded = EncodedPrompt.from_chunks(self.tokenizer, detection_prompt.chunks, self.max_len)
         ev = recipe.evaluation
         dataset = task.dataset(self.input_config(ev.min_size, ev.max_size))
+        crowded = crowded_images(dataset, ev.detections_per_img)
+        if crowded:
+            warnings.warn(crowded, stacklevel=2)
         with progress_bar() as bar, self._detections_per_image(ev.detections_per_img):
             job = bar.add_task("evaluate", total=len(dataset), info="", unit="img", visible=progress)
             results = run_task(

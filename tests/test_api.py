@@ -126,3 +126,14 @@ def test_evaluate_matches_zeroshot_eval(detector, tiny_weights, vocab_dir, tmp_p
     assert metrics["num_images"] == 5
     with pytest.raises(ConfigError, match="model settings are fixed"):
         detector.evaluate(ann, images=images, overrides=["model.postprocess.nms_thresh=0.5"])
+
+
+def test_evaluate_warns_when_images_hold_more_boxes_than_kept(detector, tmp_path):
+    ann, images = make_dataset(tmp_path / "data", n_images=2)
+    sets = ["evaluation.min_size=96", "evaluation.max_size=128", "evaluation.detections_per_img=1"]
+    data = json.loads(ann.read_text())
+    data["annotations"].append({**data["annotations"][0], "id": 9999})
+    ann.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="more ground-truth boxes than the 1 detections kept"):
+        metrics = detector.evaluate(ann, images=images, overrides=sets, progress=False)
+    assert metrics["num_images"] == 2

@@ -294,7 +294,7 @@ def load_model(
         cfg = variant_config(found)
     if tokenizer:
         cfg.language.tokenizer = tokenizer
-    cfg = override_dataclass(cfg, overrides or [])
+    cfg = override_dataclass(cfg, overrides or [], "model")
     model = build_empty(cfg)
     report = load_weights(model, state, str(weights), assign=True)
     model.eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -327,7 +328,84 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def override_dataclass(config: Any, overrides: list[str], where: str = "config") -> Any:
-    """A new dataclass instance of the same type with ``--set`` overrides applied and validated."""
+    """A new dataclass instance of the same type with ``--set`` overrides applied and validated.
+    ``where`` is the section the keys are under (``train``, ``model``); a wrong value's error
+    shows the expected syntax with the key's current value, e.g. ``--set train.min_sizes=[480,560]``."""
     if not overrides:
         return config
-    return from_dict(type(config), apply_overrides(to_dict(config), overrides), where)
+    data = to_dict(config)
+    try:
+        return from_dict(type(config), apply_overrides(data, overrides), where)
+    except ConfigError as e:
+        raise ConfigError(explain_override(e, data, overrides, where)) from None
+
+
+def explain_override(error: Exception, data: dict, overrides: list[str], where: str | None = None) -> str:
+    """The message of ``error`` (raised by applying ``overrides`` to ``data``) with
+    :func:`set_example` of the override it is about: the last one whose key the message names."""
+    message = str(error)
+    for text in reversed(overrides):
+        path = text.split("=", 1)[0].strip()
+        if path and (path in message or path.split(".")[-1] in message):
+            return message + set_example(data, text, where)
+    return message
+
+
+def set_syntax(value: Any) -> str:
+    """A value written as ``--set key=VALUE`` reads it back (YAML flow style, no spaces)."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (bool, int, float)):
+        return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+    return json.dumps(value, separators=(",", ":"))
+
+
+def set_example(data: dict, text: str, where: str | None = None) -> str:
+    """What to append to the error of the override ``text`` on ``data`` (the settings as a dict,
+    under the section ``where``: ``train``, ``model``; None for a recipe's own keys): the key's
+    expected syntax with its current value (``"; write it as e.g. --set train.min_sizes=[480,560]"``),
+    its keys for a section, else a pointer to the command that lists every key."""
+    path = text.split("=", 1)[0].strip().split(".")
+    node: Any = data
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return "; glip config show lists every key with its default"
+        node = node[part]
+    key = ".".join(([where] if where else []) + path)
+    if isinstance(node, dict):
+        return f"; {key} is a section: set one of its keys ({', '.join(map(str, node))})"
+    if isinstance(node, (list, tuple)) and node:
+        node = list(node)[:2]
+    return f"; write it as e.g. --set {key}={set_syntax(node)}"
+
+
+# --------------------------------------------------------------------------- shared option checks
+
+
+def check_inference_settings(
+    *,
+    threshold: float | None = None,
+    max_detections: int | None = None,
+    min_size: int | None = None,
+    max_size: int | None = None,
+    cli: bool = True,
+) -> None:
+    """The one range check of the inference options every command and the Python API take
+    (None: not given). ``threshold`` in [0, 1] (0 keeps everything the model outputs, NaN is
+    refused); ``max_detections`` >= 1 (there is no "unlimited" value); sizes >= 1 with
+    ``min_size <= max_size``. A :class:`ConfigError` names the option as the command line
+    (``--min-size``, ``cli=True``) or the API (``min_size=``) spells it."""
+
+    def name(field: str) -> str:
+        return "--" + field.replace("_", "-") + " " if cli else field + "="
+
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise ConfigError(f"{name('threshold')}{threshold}: a score threshold must be between 0 and 1")
+    for option, value in (("max_detections", max_detections), ("min_size", min_size), ("max_size", max_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name(option)}{value}: must be a whole number >= 1")
+    if min_size is not None and max_size is not None and min_size > max_size:
+        raise ConfigError(
+            f"{name('min_size')}{min_size} is larger than {name('max_size')}{max_size}: the short side is resized "
+            "to min_size unless the long side would exceed max_size, so min_size <= max_size"
+        )

@@ -469,30 +469,36 @@ class DetectionDataset(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Image files to run a model on (``glip predict``), transformed as the reference test transform.
+    """Images to run a model on (``glip predict``, :meth:`glip_transfer.api.Detector.predict`),
+    transformed as the reference test transform: files, or PIL images already in memory (taken as
+    they are: no EXIF orientation is applied to them).
 
     Item ``i`` is ``(image, info)``: ``image`` float32 ``[3, h, w]`` and ``info`` = ``{"index": i,
-    "file", "loaded_size": (H, W) of the decoded image (EXIF orientation applied with
-    ``exif="apply"``), "resized_size": (h, w)}``; for a file that cannot be read ``image`` is None
-    and ``info["error"]`` says why (one bad file does not stop a run, in loader workers neither).
+    "file" (None for an in-memory image), "loaded_size": (H, W) of the decoded image (EXIF
+    orientation applied with ``exif="apply"``), "resized_size": (h, w)}``; for a file that cannot
+    be read ``image`` is None and ``info["error"]`` says why (one bad file does not stop a run, in
+    loader workers neither).
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike], cfg: InputConfig, *, exif: ExifMode = "apply") -> None:
-        self.paths = [Path(p) for p in paths]
+    def __init__(
+        self, images: Sequence[str | os.PathLike | Image.Image], cfg: InputConfig, *, exif: ExifMode = "apply"
+    ) -> None:
+        self.images = [image if isinstance(image, Image.Image) else Path(image) for image in images]
         self.cfg = cfg
         self.exif = exif
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, dict]:
-        path = self.paths[index]
+        item = self.images[index]
+        file = None if isinstance(item, Image.Image) else str(item)
         try:
-            pil = load_image(path, exif=self.exif)
+            pil = _to_rgb(item, Path(f"<image {index}>")) if file is None else load_image(item, exif=self.exif)
         except DataError as e:
-            return None, {"index": index, "file": str(path), "error": str(e)}
+            return None, {"index": index, "file": file, "error": str(e)}
         tensor, resized = test_transform(pil, self.cfg)
-        return tensor, {"index": index, "file": str(path), "loaded_size": (pil.height, pil.width), "resized_size": resized}
+        return tensor, {"index": index, "file": file, "loaded_size": (pil.height, pil.width), "resized_size": resized}
 
     def collate(self, batch: list[tuple[torch.Tensor | None, dict]]) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[dict]]:
         """``(images [b, 3, H, W] zero-padded or None, image_sizes [(h, w)], infos)``: ``infos`` of
@@ -502,19 +508,22 @@ class ImageFiles(Dataset):
         return images, sizes, [info for _, info in batch]
 
     def padded_sizes(self) -> list[tuple[int, int] | None]:
-        """The network input size of each file alone, from its header (no decoding); None for a
+        """The network input size of each image alone, from its header (no decoding); None for a
         file that cannot be opened (its item will carry the error)."""
         cfg = self.cfg
         sizes: list[tuple[int, int] | None] = []
-        for path in self.paths:
-            try:
-                with Image.open(path) as opened:
-                    w, h = opened.size
-                    if self.exif != "ignore" and exif_orientation(opened) in _SWAPPING_ORIENTATIONS:
-                        w, h = h, w
-            except Exception:  # noqa: BLE001 - unreadable here means an error item later
-                sizes.append(None)
-                continue
+        for item in self.images:
+            if isinstance(item, Image.Image):
+                w, h = item.size
+            else:
+                try:
+                    with Image.open(item) as opened:
+                        w, h = opened.size
+                        if self.exif != "ignore" and exif_orientation(opened) in _SWAPPING_ORIENTATIONS:
+                            w, h = h, w
+                except Exception:  # noqa: BLE001 - unreadable here means an error item later
+                    sizes.append(None)
+                    continue
             ow, oh = resize_size(w, h, cfg.min_size, cfg.max_size)
             sizes.append(padded_size(oh, ow, cfg.size_divisibility))
         return sizes

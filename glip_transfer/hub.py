@@ -134,6 +134,24 @@ def _looks_like_path(text: str) -> bool:
     return os.sep in text or "/" in text or Path(text).suffix.lower() in {".pth", ".pt", ".bin", ".safetensors", ".ckpt"}
 
 
+def check_weights_name(weights: str | os.PathLike | None) -> WeightsSpec | None:
+    """The cheap part of :func:`resolve_weights` (nothing is downloaded or read): the spec of a
+    weights name, None for a path; an unknown name, or a missing file named like an official one,
+    raises :class:`~glip_transfer.checkpoint.CheckpointError` (one line)."""
+    text = DEFAULT_WEIGHTS if weights is None else os.fspath(weights)
+    spec = weights_spec(text) if not _looks_like_path(text) else None
+    if spec is not None:
+        return spec
+    path = Path(text)
+    if not path.exists() and not _looks_like_path(text):
+        raise CheckpointError(unknown_name_message(text))
+    if not path.exists():
+        known = next((w for w in WEIGHTS if w.file == path.name and not w.packaged), None)
+        if known is not None:
+            raise CheckpointError(f"{path}: file not found; --weights {known.name} downloads {known.file} from the hub")
+    return None
+
+
 def resolve_weights(weights: str | os.PathLike | None, model_only: bool = True) -> Path:
     """The local file for ``--weights``.
 
@@ -143,16 +161,9 @@ def resolve_weights(weights: str | os.PathLike | None, model_only: bool = True) 
     - anything else is a path, returned as is (``./glip-t`` is a file called ``glip-t``).
     """
     text = DEFAULT_WEIGHTS if weights is None else os.fspath(weights)
-    spec = weights_spec(text) if not _looks_like_path(text) else None
+    spec = check_weights_name(weights)
     if spec is None:
-        path = Path(text)
-        if not path.exists() and not _looks_like_path(text):
-            raise CheckpointError(unknown_name_message(text))
-        if not path.exists():
-            known = next((w for w in WEIGHTS if w.file == path.name and not w.packaged), None)
-            if known is not None:
-                raise CheckpointError(f"{path}: file not found; --weights {known.name} downloads {known.file} from the hub")
-        return path
+        return Path(text)
     if spec.packaged:
         path = PACKAGED_DIR / spec.file
         if not path.is_file():

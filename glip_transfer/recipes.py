@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .config import ConfigError, apply_overrides, explain_override, from_dict, load_yaml, to_dict
 from .prompts import (
     DetectionPrompt,
     PromptError,
@@ -370,6 +370,8 @@ def _parse_tuning(raw: Any, where: str) -> Tuning:
             except ConfigError as e:
                 raise RecipeError(str(e)) from None
         tuning.modes = modes
+    if not isinstance(tuning.few_shot_copies, dict):
+        raise RecipeError(f"{where}: few_shot_copies: expected {{shots: copies}}, e.g. {{1: 8, 3: 4, 5: 2, 10: 1}}")
     copies = {}
     for shot, n in tuning.few_shot_copies.items():
         if isinstance(shot, str) and shot.strip().isdigit():  # keys of a JSON round trip
@@ -647,7 +649,10 @@ def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
     if not overrides:
         return recipe
     data = {k: v for k, v in recipe_to_dict(recipe).items() if k != "path"}
-    return parse_recipe(apply_overrides(data, overrides), where=f"--set on {recipe.name}", path=recipe.path)
+    try:
+        return parse_recipe(apply_overrides(data, overrides), where=f"--set on {recipe.name}", path=recipe.path)
+    except ConfigError as e:  # with the syntax the override's key expects
+        raise RecipeError(explain_override(e, data, overrides)) from None
 
 
 def adhoc_recipe(splits: dict[str, tuple[Path, Path]], eval_split: str = "val") -> Recipe:

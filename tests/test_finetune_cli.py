@@ -399,3 +399,44 @@ def test_recipe_run_takes_the_official_settings(tmp_path, vocab_dir):
     res = json.loads((out / "result.json").read_text())
     assert res["shots"] == 1 and "test" in res and (out / "test" / "metrics.json").exists()
     assert res["steps"] == cfg["images"] * 8 // 4
+
+
+def test_size_and_step_options_make_a_short_run(data, vocab_dir, tmp_path):
+    """--min-size / --max-size set the training and evaluation sizes, --max-steps the run length."""
+    ann, images = data
+    out = tmp_path / "run"
+    result = invoke("finetune", "--ann", ann, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu",
+                    "--variant", "test-tiny", "--min-size", "80", "--max-size", "144", "--max-steps", "1", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["train"]["min_sizes"], cfg["train"]["max_size"], cfg["train"]["max_steps"]) == ([80], 144, 1)
+    assert (cfg["model"]["input"]["min_size"], cfg["model"]["input"]["max_size"]) == (80, 144)  # evaluation
+    assert len([line for line in (out / "log.jsonl").read_text().splitlines() if '"step"' in line]) >= 1
+
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("finetune", ["--min-size", "0"], "--min-size 0: must be a whole number >= 1"),
+        ("finetune", ["--min-size", "900", "--max-size", "500"], "--min-size 900 is larger than --max-size 500"),
+        ("pretrain", ["--max-size", "-1"], "--max-size -1"),
+        ("finetune", ["--tokenizer", "NO_TOKENIZER"], "no_tokenizer"),
+        ("pretrain", ["--weights", "glip-xl"], "glip-xl"),
+    ],
+)
+def test_bad_options_fail_before_the_model_is_built(
+    data, vocab_dir, base_weights, tmp_path, monkeypatch, command, args, message
+):
+    import glip_transfer.training.run as run
+
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    monkeypatch.setattr(run, "build_glip", lambda *a, **k: pytest.fail("the model was built"))
+    ann, images = data
+    args = [tmp_path / "no_tokenizer" if a == "NO_TOKENIZER" else a for a in args]
+    tokenizer = [] if "--tokenizer" in args else ["--tokenizer", vocab_dir]
+    weights = [] if "--weights" in args else ["--weights", base_weights]
+    result = invoke(command, "--ann", ann, "--images", images, *tokenizer, *weights, "--device", "cpu", *args,
+                    "--out", tmp_path / "run")  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()

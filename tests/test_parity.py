@@ -206,6 +206,7 @@ def test_glip_predict_cli_from_official_checkpoint(model, ref, reference_dir, vo
     converted_json = tmp_path / "converted.json"
     cmd[cmd.index(str(weights))] = str(converted)
     cmd[cmd.index(str(out_json))] = str(converted_json)
+    cmd[cmd.index(str(tmp_path / "vis"))] = str(tmp_path / "vis_converted")  # the first run's PNGs need --force
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(converted_json.read_text())[0]["detections"] == dets

@@ -224,3 +224,101 @@ def test_predict_independent_of_batch_size_on_mixed_sizes(weights, vocab_dir, tm
     for a, b in zip(data[1], data[3]):
         m = match_detections(dets(a), dets(b), iou_threshold=0.99, score_tol=1e-4)
         assert m["matched"] == m["a"] == m["b"] > 0 and m["max_box_diff"] <= 0.02, m
+
+
+@pytest.fixture()
+def no_model(monkeypatch):
+    """Loading weights fails the test: the checks under test must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the input was checked")
+
+    monkeypatch.setattr("glip_transfer.api.load_model", refuse)
+
+
+def test_json_dash_writes_to_stdout(weights, images, vocab_dir):
+    result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--threshold", "0", "--json", "-")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data[0]["image"].endswith("rgb.jpg") and data[0]["detections"]
+    assert "detection(s)" in result.stderr  # the summary goes to stderr, the JSON alone to stdout
+
+
+def test_existing_outputs_need_force(weights, images, vocab_dir, tmp_path, monkeypatch):
+    dets = tmp_path / "dets.json"
+    dets.write_text("mine")
+    vis = tmp_path / "vis"
+    vis.mkdir()
+    (vis / "rgb.png").write_bytes(b"mine")
+    monkeypatch.setattr("glip_transfer.api.load_model", lambda *a, **k: pytest.fail("loaded before refusing"))
+    for args, name in ((["--json", dets], "dets.json"), (["--out", vis], "rgb.png")):
+        result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat", *args)
+        assert result.exit_code == 2, result.output
+        assert name in result.output and "--force" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert dets.read_text() == "mine" and (vis / "rgb.png").read_bytes() == b"mine"
+    monkeypatch.undo()
+    result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--json", dets, "--out", vis, "--force")
+    assert result.exit_code == 0, result.output
+    assert json.loads(dets.read_text())[0]["image"].endswith("rgb.jpg")
+    assert (vis / "rgb.png").read_bytes()[:4] == b"\x89PNG"
+    # /dev/null is written in place, never refused
+    assert predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--json", "/dev/null").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--threshold", "1.5"], "--threshold 1.5: a score threshold must be between 0 and 1"),
+        (["--threshold", "nan"], "--threshold nan"),
+        (["--threshold", "-0.1"], "--threshold -0.1"),
+        (["--max-detections", "0"], "--max-detections 0: must be a whole number >= 1"),
+        (["--max-detections", "-1"], "--max-detections -1"),
+        (["--min-size", "0"], "--min-size 0: must be a whole number >= 1"),
+        (["--min-size", "-5"], "--min-size -5"),
+        (["--max-size", "0"], "--max-size 0"),
+        (["--min-size", "512", "--max-size", "128"], "--min-size 512 is larger than --max-size 128"),
+        (["--out", "FILE"], "is a file: give a folder"),
+        (["--json", "FOLDER"], "is a folder: give a file name"),
+        (["--tokenizer", "NO_TOKENIZER"], "NO_TOKENIZER"),
+        (["--adapter", "NO_ADAPTER"], "adapter not found"),
+        (["--weights", "glip-xl"], "glip-xl"),
+    ],
+)
+def test_bad_options_fail_in_one_line_before_loading(weights, images, vocab_dir, tmp_path, no_model, args, message):
+    (tmp_path / "a_file").write_text("x")
+    replace = {
+        "FILE": tmp_path / "a_file",
+        "FOLDER": tmp_path,
+        "NO_TOKENIZER": tmp_path / "no_tokenizer",
+        "NO_ADAPTER": tmp_path / "none.safetensors",
+    }
+    args = [replace.get(a, a) for a in args]
+    message = message.replace("NO_TOKENIZER", "no_tokenizer")
+    defaults = {"--weights": weights, "--tokenizer": vocab_dir, "--device": "cpu"}
+    given = [a for a in args if str(a).startswith("--")]
+    extra = [x for option, value in defaults.items() if option not in given for x in (option, value)]
+    result = run("predict", images / "rgb.jpg", "--classes", "cat", *args, *extra)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert message in text and "Traceback" not in text
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_phrase_not_in_prompt_fails_before_loading(weights, images, vocab_dir, no_model):
+    result = predict(weights, vocab_dir, images / "rgb.jpg", "--prompt", "a dog on a sofa", "--phrase", "cat")
+    assert result.exit_code == 2 and "cat" in result.output
+
+
+def test_without_outputs_a_table_per_image_or_counts_per_class(weights, images, vocab_dir):
+    small = predict(weights, vocab_dir, images / "rgb.jpg", images / "gray.png", "--classes", "cat,dog",
+                    "--threshold", "0", "--max-detections", "3")  # fmt: skip
+    assert small.exit_code == 0, small.output
+    out = " ".join(small.stdout.split())
+    assert "rgb.jpg (160x120)" in out and "gray.png (160x120)" in out
+    assert "label" in out and "score" in out and "box (x1, y1, x2, y2)" in out
+    assert out.count("cat") + out.count("dog") >= 6 - 1  # three rows per image (a label may wrap)
+    large = predict(weights, vocab_dir, images, "--classes", "cat,dog", "--threshold", "0", "--max-detections", "20")
+    assert large.exit_code == 0, large.output
+    assert "100 detections in 5 images" in " ".join(large.stdout.split())
+    assert "best score" in large.stdout and "box (x1" not in large.stdout

@@ -469,3 +469,56 @@ def test_images_with_more_boxes_than_kept_detections_are_warned_about(weights, d
     text = " ".join(result.output.split())
     assert "1 image(s) have more ground-truth boxes than the 3 detections kept per image (most: 4 in 2.png)" in text
     assert "--set evaluation.detections_per_img=100" in text
+
+
+def eval_with(weights, vocab_dir, *args, command=("zeroshot", "eval")):
+    """``glip zeroshot eval`` without the helper's --set sizes (``args`` give them)."""
+    args = [*command, *map(str, args), "--weights", str(weights), "--tokenizer", str(vocab_dir), "--device", "cpu"]
+    return runner.invoke(app, args, catch_exceptions=False)
+
+
+def test_min_size_and_max_size_options(weights, dataset, vocab_dir, tmp_path):
+    """--min-size / --max-size set evaluation.min_size / max_size (an explicit --set of the same
+    key wins); glip eval is glip zeroshot eval."""
+    ann, images = dataset
+    out = tmp_path / "out"
+    args = ["--ann", ann, "--images", images, "--out", out, "--min-size", "64", "--max-size", "100"]
+    result = eval_with(weights, vocab_dir, *args, command=("eval",))
+    assert result.exit_code == 0, result.output
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert (prov["evaluation"]["min_size"], prov["evaluation"]["max_size"]) == (64, 100)
+    assert prov["overrides"] == ["evaluation.min_size=64", "evaluation.max_size=100"]
+    result = eval_with(weights, vocab_dir, *args, "--force", "--set", "evaluation.max_size=128")
+    assert result.exit_code == 0, result.output
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert (prov["evaluation"]["min_size"], prov["evaluation"]["max_size"]) == (64, 128)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--min-size", "0"], "--min-size 0: must be a whole number >= 1"),
+        (["--max-size", "-5"], "--max-size -5"),
+        (["--min-size", "512", "--max-size", "128"], "--min-size 512 is larger than --max-size 128"),
+        (["--set", "evaluation.detections_per_img=0"], "evaluation.detections_per_img must be >= 1"),
+        (["--set", "evaluation.min_size=big"], "write it as e.g. --set evaluation.min_size=800"),
+        (["--tokenizer", "NO_TOKENIZER"], "no_tokenizer"),
+        (["--adapter", "NO_ADAPTER"], "adapter not found"),
+        (["--weights", "glip-xl"], "glip-xl"),
+    ],
+)
+def test_bad_settings_fail_in_one_line_before_loading(weights, dataset, vocab_dir, tmp_path, monkeypatch, args, message):
+    import glip_transfer.commands.zeroshot as command
+
+    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    ann, images = dataset
+    replace = {"NO_TOKENIZER": tmp_path / "no_tokenizer", "NO_ADAPTER": tmp_path / "none.safetensors"}
+    args = [replace.get(a, a) for a in args]
+    given = {str(a) for a in args if str(a).startswith("--")}
+    defaults = {"--weights": weights, "--tokenizer": vocab_dir, "--device": "cpu"}
+    extra = [str(x) for option, value in defaults.items() if option not in given for x in (option, value)]
+    cli = ["zeroshot", "eval", "--ann", str(ann), "--images", str(images), "--out", str(tmp_path / "o")]
+    result = runner.invoke(app, cli + [str(a) for a in args] + extra, catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()  # nothing was started

@@ -1,14 +1,17 @@
-"""What every command shares: the consoles, one-line errors and warnings. The library's own
-errors (:data:`USER_ERRORS`) describe bad input; here they become one line and exit code 2."""
+"""What every command shares: the consoles, one-line errors and warnings, the help texts of the
+options several commands take, and :func:`polish_help`. The library's own errors
+(:data:`USER_ERRORS`) describe bad input; here they become one line and exit code 2."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.models import ArgumentInfo, OptionInfo
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
@@ -74,3 +77,48 @@ def handle_errors(fn):
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     return wrapper
+
+
+# --------------------------------------------------------------------------- help texts
+
+WEIGHTS_HELP = "A name (glip weights list) or a file: official GLIP .pth or .safetensors."
+VARIANT_HELP = "glip-t | glip-t-a | glip-l [default: detected from the weights]."
+TOKENIZER_HELP = "BERT tokenizer: a folder with vocab.txt, or a hub id [default: bert-base-uncased]."
+ADAPTER_HELP = "A glip finetune artifact, or its run folder, to apply (prompt offset, LoRA or weights)."
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: CUDA when available, else CPU)."
+WORKERS_HELP = "Image loading processes (0: in this process) [default: 1 on CPU, up to 8 on CUDA]."
+DATA_ROOT_HELP = "Folder the recipe's paths are under (glip data download fills it)."
+SIZE_HELP = (
+    "Resize the short side to this many pixels (>= 1)...",
+    "...unless the long side would then exceed this (>= --min-size)",
+)
+
+
+def polish_help(app: typer.Typer) -> typer.Typer:
+    """Make every command's help (sub-groups included) print as written: Rich markup in option,
+    argument and command help is escaped (bracketed defaults such as ``[recipe: 200]`` and JSON
+    examples would otherwise vanish), and flags show no ``<bool>`` value. Idempotent; returns
+    ``app``."""
+    commands = list(app.registered_commands)
+    if app.registered_callback is not None:
+        commands.append(app.registered_callback)
+    for command in commands:
+        if command.callback is None or getattr(command, "_polished", False):
+            continue
+        text = command.help if isinstance(command.help, str) else inspect.getdoc(command.callback)
+        if text:  # Rich keeps single line breaks: a paragraph of the docstring becomes one line
+            paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]
+            command.help = escape("\n\n".join(paragraphs))
+        for parameter in inspect.signature(command.callback).parameters.values():
+            info = parameter.default
+            if not isinstance(info, (OptionInfo, ArgumentInfo)) or getattr(info, "_polished", False):
+                continue
+            if info.help:
+                info.help = escape(info.help)
+            if isinstance(info, OptionInfo) and parameter.annotation in (bool, "bool") and info.metavar is None:
+                info.metavar = ""  # a flag takes no value: show none
+            info._polished = True
+        command._polished = True
+    for group in app.registered_groups:
+        polish_help(group.typer_instance)
+    return app

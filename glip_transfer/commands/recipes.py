@@ -22,8 +22,8 @@ from ..recipes import (
     resolve_prompt_file,
     untokenized_captions,
 )
-from ..tokenizer import default_tokenizer, load_tokenizer
-from .common import console, err_console, handle_errors
+from ..tokenizer import TOKENIZER_ENV, default_tokenizer, load_tokenizer
+from .common import TOKENIZER_HELP, console, err_console, handle_errors
 
 app = typer.Typer(
     name="recipes",
@@ -104,12 +104,7 @@ def list_command(
 def show_command(
     name: str = typer.Argument(..., help="Recipe name, alias (e.g. odinw35/aquarium) or YAML path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    tokenizer: str = typer.Option(
-        None,
-        "--tokenizer",
-        envvar="GLIP_TOKENIZER",
-        help="BERT tokenizer: a folder with vocab.txt or a hub id (default bert-base-uncased).",
-    ),
+    tokenizer: str = typer.Option(None, "--tokenizer", envvar=TOKENIZER_ENV, help=TOKENIZER_HELP),
     data_root: Path = typer.Option(
         None,
         "--data-root",

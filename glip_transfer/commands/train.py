@@ -18,10 +18,55 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..config import check_inference_settings
 from ..files import write_text
-from .common import console, err_console, fail, handle_errors
+from ..tokenizer import TOKENIZER_ENV
+from .common import (
+    DATA_ROOT_HELP,
+    DEVICE_HELP,
+    SIZE_HELP,
+    TOKENIZER_HELP,
+    console,
+    err_console,
+    fail,
+    handle_errors,
+)
 
-MODE_HELP = "full | prompt | linear | lora | text"
+MODE_HELP = "full | prompt | linear | lora | text (described above)."
+SET_HELP = (
+    "Override any setting (repeatable): train.lr=1e-4, train.lora.rank=16, train.min_sizes=[320], "
+    "model.head.gradient_checkpointing=true, evaluation.min_size=600; glip config show lists every key "
+    "with its default."
+)
+MIN_SIZE_HELP = (
+    SIZE_HELP[0] + " in training and evaluation: sets train.min_sizes=[N] and evaluation.min_size "
+    "[default: training draws from 480..800 per image, evaluation 800]"
+)
+MAX_SIZE_HELP = SIZE_HELP[1] + ": sets train.max_size and evaluation.max_size [default: 1333]"
+MAX_STEPS_HELP = "Stop after this many optimiser steps, for a short run (train.max_steps) [default: all epochs]."
+
+
+def size_sets(min_size: int | None, max_size: int | None, max_steps: int | None) -> list[str]:
+    """``--min-size`` / ``--max-size`` / ``--max-steps`` as the ``--set`` items they stand for
+    (they come first: an explicit ``--set`` of the same key wins)."""
+    check_inference_settings(min_size=min_size, max_size=max_size)
+    sets = []
+    if min_size is not None:
+        sets += [f"train.min_sizes=[{min_size}]", f"evaluation.min_size={min_size}"]
+    if max_size is not None:
+        sets += [f"train.max_size={max_size}", f"evaluation.max_size={max_size}"]
+    if max_steps is not None:
+        sets.append(f"train.max_steps={max_steps}")
+    return sets
+
+
+def check_model_inputs(weights: str | None, tokenizer: str | None) -> None:
+    """Before anything loads: the weights name or file exists and the tokenizer loads."""
+    from ..api import check_weights, resolve_tokenizer
+
+    if weights is not None:
+        check_weights(weights)
+    resolve_tokenizer(tokenizer, weights)
 
 
 def _parse_seeds(text: str | None) -> list[int] | None:
@@ -189,40 +234,42 @@ def finetune_command(
     mode: str = typer.Option("full", "--mode", "-m", help=MODE_HELP),
     shots: int = typer.Option(0, "--shots", min=0, help="K-shot training subset (1, 3, 5, 10; 0 = all data)."),
     seeds: str = typer.Option(None, "--seeds", help="Few-shot draws to run, e.g. 3,30,300 (mean ± std reported)."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs [recipe: 200]."),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Global batch size [recipe: 4]."),
-    out: Path = typer.Option(None, "--out", "-o", help="Run folder [runs/finetune/RECIPE/MODE]."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs [default: the recipe's, 200 for ODinW]."),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help=MAX_STEPS_HELP),
+    batch_size: int = typer.Option(
+        None, "--batch-size", "-b", min=1, help="Global batch size [default: the recipe's, 4 for ODinW]."
+    ),
+    min_size: int = typer.Option(None, "--min-size", help=MIN_SIZE_HELP),
+    max_size: int = typer.Option(None, "--max-size", help=MAX_SIZE_HELP),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder [default: runs/finetune/RECIPE/MODE]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a finished or unfinished run in --out."),
-    sets: list[str] = typer.Option(
-        None,
-        "--set",
-        help="Override: train.lr=1e-4, train.lora.rank=16, model.head.gradient_checkpointing=true, "
-        "evaluation.min_size=600",
-    ),
-    data_root: Path = typer.Option(
-        Path("DATASET"),
-        "--data-root",
-        "-d",
-        envvar="GLIP_DATA",
-        help="Folder the recipe's paths are under (glip data download fills it).",
-    ),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help=DATA_ROOT_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    tokenizer: str = typer.Option(None, "--tokenizer", envvar=TOKENIZER_ENV, help=TOKENIZER_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build everything, print the trainable parameters, exit."),
     as_json: bool = typer.Option(False, "--json", help="With --dry-run: print {mode, trainable, total} as JSON."),
     ann: Path = typer.Option(None, "--ann", help="Training COCO JSON without a recipe (with --images)."),
     images: Path = typer.Option(None, "--images", help="Image folder of --ann."),
     val_ann: Path = typer.Option(None, "--val-ann", help="Validation COCO JSON (with --val-images)."),
-    val_images: Path = typer.Option(None, "--val-images"),
+    val_images: Path = typer.Option(None, "--val-images", help="Image folder of --val-ann."),
     test_ann: Path = typer.Option(None, "--test-ann", help="Test COCO JSON (with --test-images)."),
-    test_images: Path = typer.Option(None, "--test-images"),
+    test_images: Path = typer.Option(None, "--test-images", help="Image folder of --test-ann."),
     variant: str = typer.Option(
         None, "--variant", help="glip-t | glip-t-a | glip-l | test-tiny (without --weights: untrained)."
     ),
-    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes per process."),
+    workers: int = typer.Option(
+        None, "--workers", min=0, help="Image loading processes per process (train.workers) [default: 0]."
+    ),
 ):
-    """Transfer a GLIP model to a dataset: full fine-tuning, prompt tuning, linear probing, LoRA or text-only."""
+    """Transfer a GLIP model to a dataset: full fine-tuning, prompt tuning, linear probing, LoRA or text-only.
+
+    Modes: full (every parameter but Swin's patch embedding and first stage), prompt (an offset added to BERT's
+    output: [256, 768] for GLIP-T), linear (the head's prediction layers), lora (low-rank adapters in the fused
+    head), text (BERT alone). A short run: --max-steps 20 --min-size 320 --max-size 512. Every setting with its
+    default: glip config show --recipe R --mode M.
+    """
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
     if recipe is None and ann is None:
@@ -232,6 +279,8 @@ def finetune_command(
     if weights is None and variant is None:
         weights = "glip-t"
     seed_list = _parse_seeds(seeds)
+    all_sets = size_sets(min_size, max_size, max_steps) + list(sets or [])
+    check_model_inputs(weights, tokenizer)
     if seed_list and not shots:
         err_console.print(
             "[yellow]note:[/] --seeds draws few-shot subsets; without --shots every seed trains on all the data"
@@ -245,7 +294,7 @@ def finetune_command(
         shots=shots,
         epochs=epochs,
         batch_size=batch_size,
-        sets=list(sets or []),
+        sets=all_sets,
         data_root=data_root,
         device=device,
         tokenizer=tokenizer,
@@ -265,32 +314,47 @@ def finetune_command(
 @handle_errors
 def pretrain_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe whose train split is the (detection) data."),
-    weights: str = typer.Option(None, "--weights", "-w", help="Initial weights: a name (glip weights list) or an official .pth / .safetensors."),
-    out: Path = typer.Option(None, "--out", "-o", help="Run folder [runs/pretrain/RECIPE]."),
+    weights: str = typer.Option(
+        None,
+        "--weights",
+        "-w",
+        help="Initial weights: a name (glip weights list) or an official .pth / .safetensors [default: random].",
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder [default: runs/pretrain/RECIPE/pretrain]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a run in --out."),
-    epochs: int = typer.Option(None, "--epochs", min=1),
-    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Global batch size [64]."),
-    sets: list[str] = typer.Option(
-        None, "--set", help="Override: train.lr=..., model.head.gradient_checkpointing=true"
-    ),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d"),
-    device: str = typer.Option("auto", "--device"),
-    tokenizer: str = typer.Option(None, "--tokenizer"),
-    dry_run: bool = typer.Option(False, "--dry-run"),
-    as_json: bool = typer.Option(False, "--json"),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs [default: 30, GLIP-T's pretraining]."),
+    max_steps: int = typer.Option(None, "--max-steps", min=1, help=MAX_STEPS_HELP),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Global batch size [default: 64]."),
+    min_size: int = typer.Option(None, "--min-size", help=MIN_SIZE_HELP),
+    max_size: int = typer.Option(None, "--max-size", help=MAX_SIZE_HELP),
+    sets: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder a recipe's paths are under."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    tokenizer: str = typer.Option(None, "--tokenizer", envvar=TOKENIZER_ENV, help=TOKENIZER_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build everything, print the trainable parameters, exit."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print {mode, trainable, total} as JSON."),
     ann: Path = typer.Option(None, "--ann", help="Grounding (caption + tokens_positive) or detection COCO JSON."),
-    images: Path = typer.Option(None, "--images"),
-    val_ann: Path = typer.Option(None, "--val-ann"),
-    val_images: Path = typer.Option(None, "--val-images"),
-    variant: str = typer.Option(None, "--variant", help="Model without --weights (random initial weights)."),
-    workers: int = typer.Option(None, "--workers", min=0),
+    images: Path = typer.Option(None, "--images", help="Image folder of --ann."),
+    val_ann: Path = typer.Option(None, "--val-ann", help="Validation COCO JSON (detection; with --val-images)."),
+    val_images: Path = typer.Option(None, "--val-images", help="Image folder of --val-ann."),
+    variant: str = typer.Option(
+        None, "--variant", help="glip-t | glip-t-a | glip-l | test-tiny: the model without --weights (random)."
+    ),
+    workers: int = typer.Option(
+        None, "--workers", min=0, help="Image loading processes per process (train.workers) [default: 0]."
+    ),
 ):
-    """Pretrain (all parameters) on grounding data or on detection data turned into grounding."""
+    """Pretrain (all parameters) on grounding data or on detection data turned into grounding.
+
+    Settings follow GLIP-T's pretraining config; glip config show --pretrain lists them.
+    """
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
     if recipe is None and ann is None:
         fail("give --recipe NAME, or --ann FILE with --images DIR")
+    all_sets = size_sets(min_size, max_size, max_steps) + list(sets or [])
+    check_model_inputs(weights, tokenizer)
     spec = dict(
         mode="full",
         recipe=recipe,
@@ -299,7 +363,7 @@ def pretrain_command(
         out=out,
         epochs=epochs,
         batch_size=batch_size,
-        sets=list(sets or []),
+        sets=all_sets,
         data_root=data_root,
         device=device,
         tokenizer=tokenizer,

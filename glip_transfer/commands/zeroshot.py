@@ -9,32 +9,35 @@ import typer
 from rich.markup import escape
 
 from ..checkpoint import load_model
-from ..config import split_overrides
-from ..data import DetectionDataset, default_workers, load_coco, make_loader
+from ..config import check_inference_settings, split_overrides
 from ..evaluation import (
     PARTIAL_RESULTS,
     PartialResults,
     crowded_images,
-    evaluate_detections,
     per_category_table,
     summary_table,
     write_results,
 )
 from ..files import OutputError, is_direct, write_text
-from ..recipes import (
-    adhoc_recipe,
-    categories_not_in_recipe,
-    dataset_name,
-    evaluation_prompt,
-    load_recipe,
-    override_recipe,
-    safe_name,
-    split_paths,
-)
+from ..recipes import dataset_name, safe_name
 from ..runlock import RunLock
 from ..runtime import progress_bar, resolve_device
-from ..tokenizer import default_tokenizer, load_tokenizer
-from .common import console, fail, handle_errors, note, warn
+from ..tokenizer import TOKENIZER_ENV
+from .common import (
+    ADAPTER_HELP,
+    DATA_ROOT_HELP,
+    DEVICE_HELP,
+    SIZE_HELP,
+    TOKENIZER_HELP,
+    VARIANT_HELP,
+    WEIGHTS_HELP,
+    WORKERS_HELP,
+    console,
+    fail,
+    handle_errors,
+    note,
+    warn,
+)
 
 app = typer.Typer(
     help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True
@@ -44,52 +47,80 @@ app = typer.Typer(
 @handle_errors
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: str = typer.Option("glip-t", "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors."),
-    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help="Folder the recipe's paths are under (glip data download fills it)."),
-    split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
+    weights: str = typer.Option("glip-t", "--weights", "-w", help=WEIGHTS_HELP),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help=DATA_ROOT_HELP),
+    split: str = typer.Option(None, "--split", help="val | test [default: the recipe's evaluation split]."),
     batch_size: int = typer.Option(
         None, "--batch-size", "-b", min=1, help="Images per forward [evaluation.batch_size: 1 on CPU, 4 on CUDA]."
     ),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE or DATASET]."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder [default: runs/zeroshot/RECIPE or DATASET]."),
+    min_size: int = typer.Option(
+        None, "--min-size", help=SIZE_HELP[0] + " (evaluation.min_size) [default: the recipe's, 800]."
+    ),
+    max_size: int = typer.Option(
+        None, "--max-size", help=SIZE_HELP[1] + " (evaluation.max_size) [default: the recipe's, 1333]."
+    ),
     sets: list[str] = typer.Option(
-        None, "--set", help="Override: evaluation.min_size=600, model.postprocess.nms_thresh=0.5"
+        None,
+        "--set",
+        help="Override any setting (repeatable): evaluation.detections_per_img=300, model.postprocess.nms_thresh=0.5; "
+        "glip config show --recipe R lists every key with its default.",
     ),
     ann: Path = typer.Option(None, "--ann", help="COCO JSON of a dataset without a recipe (with --images)."),
     images: Path = typer.Option(None, "--images", help="Image folder of --ann."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Start over even if --out has results."),
-    export_odinw: Path = typer.Option(None, "--export-odinw", help='Write {"<dataset>": [results]} here.'),
-    variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l (detected)."),
-    tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
-    adapter: Path = typer.Option(None, "--adapter", help="A glip finetune artifact to apply."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    export_odinw: Path = typer.Option(None, "--export-odinw", help='Also write {"<dataset>": [results]} to this file.'),
+    variant: str = typer.Option(None, "--variant", help=VARIANT_HELP),
+    tokenizer: str = typer.Option(None, "--tokenizer", envvar=TOKENIZER_ENV, help=TOKENIZER_HELP),
+    adapter: Path = typer.Option(None, "--adapter", help=ADAPTER_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     amp: bool = typer.Option(
         False, "--amp", help="CUDA mixed precision (bf16/fp16; evaluation.amp); CPU stays float32."
     ),
-    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes [default: 1 on CPU, up to 8 on CUDA]."),
+    workers: int = typer.Option(None, "--workers", min=0, help=WORKERS_HELP),
     no_text_cache: bool = typer.Option(False, "--no-text-cache", hidden=True, help="Re-run BERT per batch."),
 ):
-    """Evaluate on a recipe's dataset (or --ann/--images) and write COCO results and AP tables."""
+    """Evaluate on a recipe's dataset (or --ann/--images) and write COCO results and AP tables.
+
+    Writes to --out: bbox.json (COCO results), metrics.json (AP/AR, per category, provenance), per_category.csv
+    and report.md; partial_results.jsonl while running (--resume continues from it).
+    """
     # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
-    from ..inference import EncodedPrompt, evaluate_dataset
+    from ..api import check_adapter, check_weights, resolve_tokenizer
+    from ..inference import EncodedPrompt
     from ..provenance import DETECTION, changes, describe, evaluation_record, identity
     from ..training.artifacts import apply_adapter
+    from ..zeroshot import evaluation_recipe, in_dataset_order, prepare_task, run_task, task_metrics
 
     if (recipe is None) == (ann is None):
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
+    check_inference_settings(min_size=min_size, max_size=max_size)
+    size_sets = [f"evaluation.{k}={v}" for k, v in (("min_size", min_size), ("max_size", max_size)) if v is not None]
+    sets = size_sets + list(sets or [])  # an explicit --set of the same key comes last and wins
     sets_by = split_overrides(sets, ("model",))
-    rec = override_recipe(load_recipe(recipe) if recipe else adhoc_recipe({"val": (ann, images)}), sets_by["recipe"])
-    split = split or rec.evaluation.split
-    ann_file, img_dir = split_paths(rec, split, data_root)
-    files = rec.split(split)
+    rec = evaluation_recipe(recipe, ann, images, overrides=sets_by["recipe"])
     ev = rec.evaluation
     if amp:
         ev.amp = True
 
+    # everything cheap before the run folder and the weights: files, outputs, device, tokenizer, prompt,
+    # weights name, adapter
+    task = prepare_task(rec, split=split, data_root=data_root)
+    split, files = task.split, rec.split(task.split)
     out = out or default_out(rec, split, ann)
     check_outputs(out, export_odinw, force)
+    dev = resolve_device(device)
+    tok = resolve_tokenizer(tokenizer, weights)
+    detection_prompt, notes = task.prompt(tok)
+    for text in notes:
+        note(text)
+    check_weights(weights)
+    if adapter is not None:
+        check_adapter(adapter, detection_prompt.captions)
+
     with RunLock(out) as lock:
         if lock.notice:
             note(lock.notice)
@@ -102,24 +133,12 @@ def eval_command(
         elif (out / "metrics.json").exists() and not force:
             fail(f"{out} holds a finished evaluation: pass --force to overwrite it, or choose another --out")
 
-        coco = load_coco(ann_file, require_annotations=False)
         model, _ = load_model(
             weights, variant=variant, tokenizer=tokenizer, overrides=ev.model_overrides() + sets_by["model"]
         )
-        tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
-        detection_prompt = evaluation_prompt(rec, tok, list(coco.categories.values()))
-        for notice in detection_prompt.notices:
-            note(notice)
-        unprompted = categories_not_in_recipe(rec, list(coco.categories.values()))
-        if unprompted:
-            note(
-                f"{len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
-                + ", ".join(repr(n) for _, n in unprompted[:5])
-            )
         encoded = EncodedPrompt.from_chunks(tok, detection_prompt.chunks, model.cfg.language.max_query_len)
         if adapter is not None:
-            model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
-        dev = resolve_device(device)
+            model = apply_adapter(model, adapter, weights=weights)
         model = model.to(dev).eval()
         batch_size = batch_size or ev.batch_size_on(dev)
         provenance = evaluation_record(
@@ -128,13 +147,13 @@ def eval_command(
             adapter=adapter,
             recipe=rec,
             split=split,
-            ann_file=ann_file,
-            img_dir=img_dir,
+            ann_file=task.ann_file,
+            img_dir=task.img_dir,
             encoded=encoded,
             evaluation=ev,
             batch_size=batch_size,
             device=dev,
-            overrides=sets or [],
+            overrides=sets,
         )
         if saved is None and done_ids:
             fail(
@@ -152,12 +171,10 @@ def eval_command(
         else:
             partial.start(provenance)
 
-        dataset = DetectionDataset(coco, img_dir, model.cfg.input)
+        dataset = task.dataset(model.cfg.input)
         crowded = crowded_images(dataset, model.cfg.postprocess.detections_per_img)
         if crowded:
             warn(crowded)
-        workers = default_workers(dev) if workers is None else workers
-        loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
         chunks_note = f", {len(encoded.chunks)} prompt chunks" if len(encoded.chunks) > 1 else ""
         already = sum(1 for entry in dataset.entries if entry[0] in done_ids)
         console.print(
@@ -169,33 +186,28 @@ def eval_command(
         written = [len(results)]
         try:
             with partial.appender() as lines, progress_bar() as bar:
-                task = bar.add_task("zero-shot", total=len(dataset), completed=already, info="", unit="img")
+                job = bar.add_task("zero-shot", total=len(dataset), completed=already, info="", unit="img")
 
                 def on_batch(image_ids: list, batch_results: list[dict]) -> None:
                     partial.add(lines, image_ids, batch_results)
                     written[0] += len(batch_results)
-                    bar.update(task, info=f"{written[0]} detections")
+                    bar.update(job, info=f"{written[0]} detections")
 
-                new = evaluate_dataset(
+                new = run_task(
                     model,
-                    loader,
+                    dataset,
                     encoded,
                     device=dev,
-                    cache_text=not no_text_cache,
-                    on_batch=on_batch,
-                    skip_image_ids=done_ids,
+                    batch_size=batch_size,
+                    workers=workers,
                     amp=ev.amp,
-                    progress=lambda n: bar.update(task, advance=n),
+                    cache_text=not no_text_cache,
+                    done_ids=done_ids,
+                    on_batch=on_batch,
+                    progress=lambda n: bar.update(job, advance=n),
                 )
-            results.extend(new)
-            position = {entry[0]: i for i, entry in enumerate(dataset.entries)}  # dataset order, however run
-            results.sort(key=lambda r: position.get(r["image_id"], len(position)))
-
-            metrics = evaluate_detections(
-                dataset, results, metric=ev.metric, max_dets=model.cfg.postprocess.detections_per_img
-            )
-            metrics["recipe"] = rec.name
-            metrics["captions"] = encoded.captions
+            results = in_dataset_order(results + new, dataset)
+            metrics = task_metrics(task, dataset, results, encoded.captions, model.cfg.postprocess.detections_per_img)
             metrics["provenance"] = provenance
             paths = write_results(out, results, metrics)
             if export_odinw is not None:

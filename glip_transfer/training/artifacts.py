@@ -214,6 +214,16 @@ def find_artifact(path: str | os.PathLike) -> Path:
     raise AdapterError(f"{p}: adapter not found")
 
 
+def _kind(found: Path, tensor_names) -> ArtifactKind:
+    if found.is_dir():
+        return ArtifactKind.LORA
+    return ArtifactKind.PROMPT if PROMPT_TENSOR in tensor_names else ArtifactKind.WEIGHTS
+
+
+def _unreadable(file: Path) -> AdapterError:
+    return AdapterError(f"{file}: not a readable adapter (not a valid safetensors file; it may be truncated)")
+
+
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, Path, ArtifactKind]:
     """(tensors, metadata, file or LoRA folder, kind) of an artifact."""
     found = find_artifact(path)
@@ -221,18 +231,48 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     try:
         tensors, meta = read_safetensors(file)
     except CheckpointError:
-        raise AdapterError(
-            f"{file}: not a readable adapter (not a valid safetensors file; it may be truncated)"
-        ) from None
+        raise _unreadable(file) from None
     if meta.get("format") != ADAPTER_FORMAT:
         raise AdapterError(f"{file}: not a glip finetune adapter (no '{ADAPTER_FORMAT}' metadata)")
-    if found.is_dir():
-        kind = ArtifactKind.LORA
-    elif PROMPT_TENSOR in tensors:
-        kind = ArtifactKind.PROMPT
-    else:
-        kind = ArtifactKind.WEIGHTS
-    return tensors, meta, found, kind
+    return tensors, meta, found, _kind(found, tensors)
+
+
+def read_artifact_header(path: str | os.PathLike) -> tuple[dict, Path, ArtifactKind]:
+    """(metadata, file or LoRA folder, kind) of an artifact from its safetensors header alone (no
+    tensor is read): the check an adapter passes before any weights are loaded."""
+    from safetensors import safe_open
+
+    found = find_artifact(path)
+    file = found / LORA_WEIGHTS if found.is_dir() else found
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            meta, names = dict(f.metadata() or {}), set(f.keys())
+    except Exception:  # noqa: BLE001 - any header failure is an unreadable adapter
+        raise _unreadable(file) from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise AdapterError(f"{file}: not a glip finetune adapter (no '{ADAPTER_FORMAT}' metadata)")
+    return meta, found, _kind(found, names)
+
+
+def check_adapter_caption(meta: dict, found: Path, kind: ArtifactKind, captions: list[str]) -> None:
+    """Refuse (:class:`AdapterError`) a prompt offset used with a prompt split into several
+    captions or with another caption than it was trained for (its rows are tied to token
+    positions); a weights or LoRA artifact used with another caption only warns: it works with
+    any prompt."""
+    trained = meta.get("caption", "")
+    if kind is ArtifactKind.PROMPT and len(captions) != 1:
+        raise AdapterError(
+            f"{found}: a prompt offset fits one caption, but this prompt is split into {len(captions)} chunks"
+        )
+    caption = captions[0] if len(captions) == 1 else None
+    if caption is None or not trained or caption == trained:
+        return
+    if kind is ArtifactKind.PROMPT:
+        raise AdapterError(
+            f"{found}: this prompt offset was trained for the caption {trained[:60]!r}, not {caption[:60]!r}: "
+            "evaluate with the same categories/prompt (recipe) it was trained on"
+        )
+    warnings.warn(f"{found.name}: trained with the caption {trained[:60]!r}, used with {caption[:60]!r}", stacklevel=3)
 
 
 def load_adapter(model: GLIP, path: str | os.PathLike, *, base_hash: str | None, caption: str | None) -> ArtifactKind:
@@ -252,17 +292,8 @@ def load_adapter(model: GLIP, path: str | os.PathLike, *, base_hash: str | None,
             f"{found}: this {meta.get('mode', '?')} adapter was made for base weights {_short(made_for)}, "
             f"not these ({_short(base_hash)}): pass the --weights it was trained from"
         )
-    trained_caption = meta.get("caption", "")
-    if caption is not None and trained_caption and caption != trained_caption:
-        if kind is ArtifactKind.PROMPT:
-            raise AdapterError(
-                f"{found}: this prompt offset was trained for the caption {trained_caption[:60]!r}, not "
-                f"{caption[:60]!r}: "
-                "evaluate with the same categories/prompt (recipe) it was trained on"
-            )
-        warnings.warn(
-            f"{found.name}: trained with the caption {trained_caption[:60]!r}, used with {caption[:60]!r}", stacklevel=2
-        )
+    if caption is not None:
+        check_adapter_caption(meta, found, kind, [caption])
     if kind is ArtifactKind.PROMPT:
         _apply_prompt(model, found, tensors[PROMPT_TENSOR])
     elif kind is ArtifactKind.LORA:
@@ -301,15 +332,10 @@ def apply_adapter(
     model: GLIP, path: str | os.PathLike, *, weights: str | os.PathLike | None = None, captions: list[str] | None = None
 ) -> GLIP:
     """For ``glip zeroshot eval`` / ``glip predict --adapter`` and the Python API:
-    :func:`load_adapter` with the base hash of ``weights`` (or of the model when None) and the
-    prompt's caption (a prompt offset fits exactly one caption). Returns the model."""
-    _, _, found, kind = read_artifact(path)
-    caption = None
+    :func:`load_adapter` with the base hash of ``weights`` (or of the model when None), after
+    :func:`check_adapter_caption` on the prompt's ``captions`` (None: not checked here). Returns
+    the model."""
     if captions is not None:
-        if kind is ArtifactKind.PROMPT and len(captions) != 1:
-            raise AdapterError(
-                f"{found}: a prompt offset fits one caption, but this prompt is split into {len(captions)} chunks"
-            )
-        caption = captions[0] if len(captions) == 1 else None
-    load_adapter(model, path, base_hash=base_hash(weights, model), caption=caption)
+        check_adapter_caption(*read_artifact_header(path), captions)
+    load_adapter(model, path, base_hash=base_hash(weights, model), caption=None)
     return model

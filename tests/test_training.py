@@ -793,3 +793,16 @@ def test_gradient_checkpointing_setting_recomputes_head_and_swin_in_backward(
     out = trainer.train_step(Collate()([prep.dataset[0], prep.dataset[1]]))
     assert math.isfinite(out["loss"]) and not out["skipped"]
     assert counts == [calls] * len(counts), counts
+
+
+def test_resume_decision_applies_only_what_decides_the_future():
+    from glip_transfer.training.config import TrainConfig, resume_decision
+
+    diff = {"train.epochs": (3, 4), "train.workers": (0, 2), "train.lr": (1e-4, 1e-3), "data.shots": (0, 5)}
+    applied, refused = resume_decision(diff, TrainConfig(schedule="plateau"))
+    assert set(applied) == {"train.epochs", "train.workers"} and set(refused) == {"train.lr", "data.shots"}
+    # milestones given as fractions of the run: its length decides the schedule already followed
+    applied, refused = resume_decision(diff, TrainConfig(schedule="multistep", milestones=(0.67, 0.89)))
+    assert set(applied) == {"train.workers"} and set(refused) == {"train.epochs", "train.lr", "data.shots"}
+    applied, _ = resume_decision({"train.epochs": (3, 4)}, TrainConfig(schedule="multistep", milestones=(100, 200)))
+    assert set(applied) == {"train.epochs"}

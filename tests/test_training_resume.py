@@ -1,5 +1,5 @@
 """Kill-and-resume: a run stopped mid-epoch and resumed ends with exactly the weights of an
-uninterrupted run (same seed, same machine); a corrupt ``last`` falls back to ``last.prev``."""
+uninterrupted run (same seed, same machine); a corrupt ``last`` is one line naming --force."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def run(
     resume: bool = False,
     force: bool = True,
     stop_after_steps: int = 0,
+    keep_checkpoints: bool = True,
 ) -> dict:
     ann, images = data
     spec = RunSpec(
@@ -47,6 +48,7 @@ def run(
         resume=resume,
         tokenizer=str(vocab_dir),
         progress=False,
+        keep_checkpoints=keep_checkpoints,
         sets=[
             "train.min_sizes=[64,96]",
             "train.max_size=160",
@@ -98,14 +100,37 @@ def test_stopped_and_resumed_run_equals_uninterrupted(data, vocab_dir, tmp_path,
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_corrupt_last_falls_back_to_the_previous_checkpoint(data, vocab_dir, tmp_path):
-    run(data, vocab_dir, tmp_path / "a", "full")
+def test_corrupt_last_is_one_line_naming_force(data, vocab_dir, tmp_path):
+    from glip_transfer.checkpoint import CheckpointError
+
     run(data, vocab_dir, tmp_path / "b", "full", stop_after_steps=5)
     ckpt = tmp_path / "b" / "checkpoints"
-    assert (ckpt / "last.prev.safetensors").exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.safetensors", "last.safetensors"]  # no last.prev
     raw = (ckpt / "last.safetensors").read_bytes()
-    (ckpt / "last.safetensors").write_bytes(raw[: len(raw) // 3])  # a torn write
-    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
-        resumed = run(data, vocab_dir, tmp_path / "b", "full", resume=True, force=False)
-    assert resumed["status"] == "finished"
-    assert_same_run(tmp_path / "a", tmp_path / "b")  # replayed from step 4: the same end
+    (ckpt / "last.safetensors").write_bytes(raw[: len(raw) // 3])  # damaged on disk
+    with pytest.raises(CheckpointError, match="cannot be resumed; start it again with --force"):
+        run(data, vocab_dir, tmp_path / "b", "full", resume=True, force=False)
+
+
+def test_resume_refuses_a_changed_learning_rate_and_applies_a_longer_run(data, vocab_dir, tmp_path):
+    """The restored optimiser and schedule follow the saved learning rate: a resume with another
+    is refused (naming it and --force) before anything is written; a longer run is applied, logged,
+    and config.json records what trained."""
+    from glip_transfer.config import ConfigError
+    from glip_transfer.training.report import read_log
+
+    out = tmp_path / "b"
+    run(data, vocab_dir, out, "lora", stop_after_steps=4)
+    config = (out / "config.json").read_text()
+    log = (out / "log.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"cannot resume with changed settings \(train\.lr 0\.002 → 0\.001\).*--force"):
+        run(data, vocab_dir, out, "lora", "train.lr=1e-3", resume=True, force=False)
+    assert (out / "config.json").read_text() == config and (out / "log.jsonl").read_text() == log
+    resumed = run(data, vocab_dir, out, "lora", "train.epochs=4", resume=True, force=False)
+    assert resumed["status"] == "finished" and resumed["steps"] == 12
+    assert {"type": "resume", "step": 4, "applied": {"train.epochs": {"saved": 3, "now": 4}}} in read_log(
+        out / "log.jsonl"
+    )
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["epochs"] == saved["provenance"]["train"]["epochs"] == 4
+    assert saved["train"]["lr"] == 2e-3

@@ -229,6 +229,8 @@ class Trainer:
         the checkpoint's are applied (and logged) or refused with a one-line
         :class:`~glip_transfer.config.ConfigError` before anything is restored or written."""
         if not has_checkpoint(self.ckpt_dir):
+            if self.log is not None:  # stopped before its first checkpoint: the run starts over
+                self.log.truncate_after(-1)
             return False
         tensors, state, _ = load_last(self.ckpt_dir)
         mode = self.module.plan.mode

@@ -495,3 +495,19 @@ def test_a_full_disk_during_finetune_is_one_line_and_resume_finishes(data, vocab
     assert resumed.exit_code == 0, resumed.output
     steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["type"] == "step"]
     assert steps == [1, 2, 3, 4]
+
+
+def test_zero_area_boxes_are_refused_as_zeroshot_refuses_them(data, vocab_dir, tmp_path):
+    """One rule for both commands (load_coco's default): a degenerate box is one line naming it."""
+    ann, images = data
+    broken = json.loads(ann.read_text())
+    broken["annotations"][0]["bbox"][2] = 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(broken))
+    result = invoke(
+        "finetune", "--ann", bad, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu",
+        "--variant", "test-tiny", "--mode", "linear", "--dry-run",
+    )  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "has a bbox with width or height <= 0" in text, result.output
+    assert "Traceback" not in result.output

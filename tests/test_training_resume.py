@@ -123,7 +123,8 @@ def test_resume_refuses_a_changed_learning_rate_and_applies_a_longer_run(data, v
     run(data, vocab_dir, out, "lora", stop_after_steps=4)
     config = (out / "config.json").read_text()
     log = (out / "log.jsonl").read_text()
-    with pytest.raises(ConfigError, match=r"cannot resume with changed settings \(train\.lr 0\.002 → 0\.001\).*--force"):
+    refused = r"cannot resume with changed settings \(train\.lr 0\.002 → 0\.001\).*--force"
+    with pytest.raises(ConfigError, match=refused):
         run(data, vocab_dir, out, "lora", "train.lr=1e-3", resume=True, force=False)
     assert (out / "config.json").read_text() == config and (out / "log.jsonl").read_text() == log
     resumed = run(data, vocab_dir, out, "lora", "train.epochs=4", resume=True, force=False)

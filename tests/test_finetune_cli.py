@@ -109,6 +109,7 @@ def test_finished_run_is_not_overwritten_without_force(data, vocab_dir, tmp_path
     first = result_file.read_text()
     again = finetune(data, vocab_dir, *args)
     assert again.exit_code == 2 and "holds a finished run" in again.output
+    assert "trainable parameters" not in again.output  # refused before the model is built
     assert result_file.read_text() == first
     resumed = finetune(data, vocab_dir, *args, "--resume")
     assert resumed.exit_code == 2 and "finished run" in resumed.output
@@ -421,6 +422,7 @@ def test_a_run_folder_in_use_is_one_line_for_finetune_and_pretrain(data, vocab_d
         text = " ".join(result.output.split())
         assert result.exit_code == 2 and "is in use by another glip run" in text, result.output
         assert "(glip finetune --out run" in text and "Traceback" not in result.output
+        assert "trainable parameters" not in text  # refused before the model is built
         assert len([l for l in result.output.splitlines() if l.startswith("error:")]) == 1
 
 

@@ -83,7 +83,7 @@ def _run(spec_fields: dict, seeds: list[int] | None, dry_run: bool, as_json: boo
     from ..training.engine import Trainer
     from ..training.run import RESULT_FILE, RunSpec, prepare, train_run
 
-    spec = RunSpec(**spec_fields)
+    spec = RunSpec(**spec_fields, dry_run=dry_run)
     dist_info, device = init_from_env(spec.device)
     try:
         with warnings.catch_warnings():

@@ -55,7 +55,7 @@ from ..recipes import (
     safe_name,
     split_paths,
 )
-from ..runlock import RunLock, RunLocked
+from ..runlock import LOCK_FILE, RunLock, RunLocked
 from ..runtime import precision_name
 from ..tokenizer import default_tokenizer, load_tokenizer
 from ..transforms import TrainTransform
@@ -112,6 +112,7 @@ class RunSpec:
     pretrain: bool = False
     progress: bool = True
     keep_checkpoints: bool = False  # keep the resumable state (optimiser included) of a finished run
+    dry_run: bool = False  # build everything, train nothing: the run folder is neither checked nor written
 
 
 def seed_everything(seed: int) -> None:
@@ -346,6 +347,8 @@ def prepare(
     recipe = run_recipe(spec, sets["recipe"])
     out = Path(spec.out or default_out(spec, recipe))
     check_out_path(out)
+    if not spec.dry_run and dist_info.main:
+        check_run_folder(out, resume=spec.resume, force=spec.force)
     cfg = build_train_config(spec, recipe, sets["train"], shuffle_seed=shuffle_seed, world=dist_info.world)
     model, notes = build_model(spec, recipe, sets["model"], cfg.seed)
     base = base_hash(spec.weights, model)
@@ -395,6 +398,15 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> str:
     if started and not resume:
         raise ConfigError(f"{out} holds an unfinished run: pass --resume to continue it or --force to start over")
     return "resume" if started and resume else "new"
+
+
+def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
+    """The refusals of a run folder, before anything is loaded (:func:`train_run` checks again,
+    under the lock): a finished or unfinished run there without ``--force`` / ``--resume``, or
+    another run holding it (:class:`~glip_transfer.runlock.RunLock`)."""
+    check_out_dir(out, resume=resume, force=force)
+    if (out / LOCK_FILE).exists():
+        RunLock(out).acquire().release()  # refused while its owner lives; a dead one's lock is dropped
 
 
 OWNED = (

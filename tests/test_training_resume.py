@@ -134,4 +134,7 @@ def test_resume_refuses_a_changed_learning_rate_and_applies_a_longer_run(data, v
     )
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["epochs"] == saved["provenance"]["train"]["epochs"] == 4
+    first = json.loads(config)["provenance"]["date"]
+    result = json.loads((out / "result.json").read_text())
+    assert saved["provenance"]["started"] == result["provenance"]["started"] == first  # the first start
     assert saved["train"]["lr"] == 2e-3

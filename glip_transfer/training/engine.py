@@ -239,6 +239,9 @@ class Trainer:
                 f"{self.ckpt_dir}: the checkpoint is of mode {state.get('mode')!r}, not {mode!r}: use another --out"
             )
         applied = self._resume_changes(state)
+        saved = state.get("provenance") or {}
+        if self.provenance is not None and saved.get("date"):  # when the run first started
+            self.provenance["started"] = saved.get("started", saved["date"])
         params = trained_tensors(tensors, "param/", list(self.params))
         missing = [n for n in self.params if n not in params]
         if missing:

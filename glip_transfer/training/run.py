@@ -576,6 +576,7 @@ def _train_locked(prep: Prepared, console: Console | None, stop_after_steps: int
     if main:
         out.mkdir(parents=True, exist_ok=True)
     provenance = run_record(prep)
+    provenance["started"] = provenance["date"]  # a resume sets the first start (Trainer.resume)
     validate = (lambda model: evaluate_on(prep, prep.val)[1]) if prep.val is not None else None
     trainer = Trainer(
         prep.module,
@@ -638,7 +639,7 @@ def _train_locked(prep: Prepared, console: Console | None, stop_after_steps: int
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
             summary["plot_error"] = str(e)
-        summary["provenance"] = dict(provenance, date=record()["date"], started=provenance["date"])
+        summary["provenance"] = dict(provenance, date=record()["date"])  # finished; "started": the first start
         write_text(out / RESULT_FILE, json.dumps(summary, indent=2, default=str) + "\n")
         finish_checkpoints(out / "checkpoints", keep=spec.keep_checkpoints)
     barrier(prep.dist)

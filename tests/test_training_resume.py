@@ -32,6 +32,7 @@ def run(
     force: bool = True,
     stop_after_steps: int = 0,
     keep_checkpoints: bool = True,
+    progress: bool = False,
 ) -> dict:
     ann, images = data
     spec = RunSpec(
@@ -47,7 +48,7 @@ def run(
         force=force,
         resume=resume,
         tokenizer=str(vocab_dir),
-        progress=False,
+        progress=progress,
         keep_checkpoints=keep_checkpoints,
         sets=[
             "train.min_sizes=[64,96]",
@@ -138,3 +139,29 @@ def test_resume_refuses_a_changed_learning_rate_and_applies_a_longer_run(data, v
     result = json.loads((out / "result.json").read_text())
     assert saved["provenance"]["started"] == result["provenance"]["started"] == first  # the first start
     assert saved["train"]["lr"] == 2e-3
+
+
+def test_the_progress_bar_of_a_resumed_run_counts_to_its_total(data, vocab_dir, tmp_path, monkeypatch):
+    """Resumed at step 4 of 9, the bar starts at 4 and ends at 9 (never past its total)."""
+    from rich.progress import Progress
+
+    import glip_transfer.training.engine as engine
+
+    seen = []
+
+    class Recording(Progress):
+        def add_task(self, description, **kw):
+            seen.append(("add", kw.get("total"), kw.get("completed")))
+            return super().add_task(description, **kw)
+
+        def update(self, task_id, **kw):
+            if "completed" in kw:
+                seen.append(("update", self._tasks[task_id].total, kw["completed"]))
+            return super().update(task_id, **kw)
+
+    monkeypatch.setattr(engine, "progress_bar", lambda: Recording(disable=True))
+    run(data, vocab_dir, tmp_path / "b", "lora", stop_after_steps=4, progress=True)
+    seen.clear()
+    run(data, vocab_dir, tmp_path / "b", "lora", resume=True, force=False, progress=True)
+    assert seen[0] == ("add", 9, 4)
+    assert [c for _, _, c in seen[1:]] == [5, 6, 7, 8, 9] and all(c <= total for _, total, c in seen)

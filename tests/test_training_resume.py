@@ -165,3 +165,22 @@ def test_the_progress_bar_of_a_resumed_run_counts_to_its_total(data, vocab_dir, 
     run(data, vocab_dir, tmp_path / "b", "lora", resume=True, force=False, progress=True)
     assert seen[0] == ("add", 9, 4)
     assert [c for _, _, c in seen[1:]] == [5, 6, 7, 8, 9] and all(c <= total for _, total, c in seen)
+
+
+def test_a_full_disk_says_how_to_continue_once(data, vocab_dir, tmp_path, monkeypatch):
+    import errno
+
+    import glip_transfer.training.engine as engine
+    from glip_transfer.files import OutputError, output_error
+
+    def full(folder, tensors, state):
+        raise output_error(folder / "last.safetensors", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(engine, "save_last", full)
+    with pytest.raises(OutputError) as failed:
+        run(data, vocab_dir, tmp_path / "b", "lora")
+    assert str(failed.value).endswith(
+        "last.safetensors: No space left on device; what was written before is kept: free some space and continue "
+        "with --resume"
+    )
+    assert (tmp_path / "b" / "log.jsonl").exists() and not (tmp_path / "b" / ".glip.lock").exists()  # lock released

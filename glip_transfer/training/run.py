@@ -37,7 +37,7 @@ from ..checkpoint import load_model, resolve_weights
 from ..config import ConfigError, override_dataclass, split_overrides, to_dict, variant_config
 from ..data import DetectionDataset, load_coco
 from ..evaluation import crowded_images, scalar_metrics, write_results
-from ..files import OutputError, output_error, write_text
+from ..files import FULL_DISK_HINT, OutputError, output_error, write_text
 from ..inference import EncodedPrompt
 from ..model.glip import GLIP, build_glip
 from ..prompts import DetectionPrompt
@@ -560,7 +560,9 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
             console.print(f"note: {lock.notice}", highlight=False, markup=False)
         return _train_locked(prep, console, stop_after_steps)
     except OutputError as e:
-        raise OutputError(f"{e}; what was written before is kept: free some space and continue with --resume") from None
+        text = str(e).removesuffix(FULL_DISK_HINT)
+        fix = "free some space" if text != str(e) else "fix that"
+        raise OutputError(f"{text}; what was written before is kept: {fix} and continue with --resume") from None
     finally:
         if lock is not None:
             lock.release()

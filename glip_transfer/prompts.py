@@ -651,7 +651,7 @@ def unknown_only_message(names: Sequence[str]) -> str:
     what = "category is" if len(names) == 1 else f"{len(names)} categories are"
     return (
         f"{what} only unknown tokens ([UNK]) to the tokenizer: {shown}; the model cannot read the name (every unknown "
-        "word looks the same to it): name it in words (a prompt file's override)"
+        "word looks the same to it): name it in words (for a dataset: a prompt file's override)"
     )
 
 
@@ -661,7 +661,7 @@ def same_names_message(groups: Sequence[Sequence[str]]) -> str:
     )
     return (
         f"categories with the same name: {shown}; the model sees one phrase and cannot tell them apart: rename them "
-        "(a prompt file's override) or merge them in the annotation file"
+        "(for a dataset: a prompt file's override, or merge them in the annotation file)"
     )
 
 

@@ -184,3 +184,21 @@ def test_a_full_disk_says_how_to_continue_once(data, vocab_dir, tmp_path, monkey
         "with --resume"
     )
     assert (tmp_path / "b" / "log.jsonl").exists() and not (tmp_path / "b" / ".glip.lock").exists()  # lock released
+
+
+def test_a_checkpoint_of_an_earlier_version_is_judged_by_its_training_settings(data, vocab_dir, tmp_path):
+    """Checkpoints written before the provenance record carry only the training settings: those
+    decide (a changed lr is refused), and the run resumes to the uninterrupted result."""
+    from glip_transfer.config import ConfigError
+    from glip_transfer.training.state import save_state_file
+
+    run(data, vocab_dir, tmp_path / "a", "lora")
+    run(data, vocab_dir, tmp_path / "b", "lora", stop_after_steps=4)
+    last = tmp_path / "b" / "checkpoints" / "last.safetensors"
+    tensors, state = load_state_file(last)
+    del state["provenance"]
+    save_state_file(last, tensors, state)
+    with pytest.raises(ConfigError, match=r"train\.lr 0\.002 → 0\.001"):
+        run(data, vocab_dir, tmp_path / "b", "lora", "train.lr=1e-3", resume=True, force=False)
+    assert run(data, vocab_dir, tmp_path / "b", "lora", resume=True, force=False)["status"] == "finished"
+    assert_same_run(tmp_path / "a", tmp_path / "b")

@@ -806,3 +806,18 @@ def test_resume_decision_applies_only_what_decides_the_future():
     assert set(applied) == {"train.workers"} and set(refused) == {"train.epochs", "train.lr", "data.shots"}
     applied, _ = resume_decision({"train.epochs": (3, 4)}, TrainConfig(schedule="multistep", milestones=(100, 200)))
     assert set(applied) == {"train.epochs"}
+
+
+def test_settings_that_change_no_weight_are_no_change_on_resume():
+    from glip_transfer.config import ConfigError
+    from glip_transfer.provenance import TRAINING, changes, identity
+    from glip_transfer.training.config import TrainConfig, apply_train_overrides
+
+    saved = {"model": {"head": {"gradient_checkpointing": False}}, "evaluation": {"batch_size": 1, "min_size": 800}}
+    now = {"model": {"head": {"gradient_checkpointing": True}}, "evaluation": {"batch_size": 4, "min_size": 800}}
+    assert changes(identity(saved, TRAINING), identity(now, TRAINING)) == {}
+    now["evaluation"]["min_size"] = 600  # decides validation AP, hence the best weights
+    assert changes(identity(saved, TRAINING), identity(now, TRAINING)) == {"evaluation.min_size": (800, 600)}
+    moved = r"train.eval_batch_size is now evaluation.batch_size.*--set evaluation.batch_size=2"
+    with pytest.raises(ConfigError, match=moved):
+        apply_train_overrides(TrainConfig(), ["eval_batch_size=2"])

@@ -57,7 +57,12 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(f"{path}: is a folder, expected a checkpoint file") from None
     except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        if not _has_checkpoint_header(path):
+            raise CheckpointError(
+                f"{path}: not a PyTorch checkpoint (neither the zip format of torch.save nor a pickle); pass an "
+                "official GLIP .pth or a .safetensors"
+            ) from None
+        if _names_python_objects(str(e)):
             raise CheckpointError(
                 f"{path}: the file holds Python objects beyond tensors and numbers ({text[:120]}); "
                 "refusing to unpickle it. Re-save only its state dict, e.g. "
@@ -66,6 +71,23 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({text[:160]}); the file may be truncated or corrupt — download it again"
         ) from None
+
+
+def _has_checkpoint_header(path: Path) -> bool:
+    """Whether the file begins as ``torch.save`` writes: a zip archive, or a pickle of protocol 2+
+    (the legacy format)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True  # let the reader's own error speak
+    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
+def _names_python_objects(message: str) -> bool:
+    """Whether torch's weights-only unpickler refused a pickle for the Python objects it names
+    (not for bytes that are no pickle at all, e.g. "Unsupported operand")."""
+    return any(k in message for k in ("Unsupported global", "GLOBAL", "Unsupported class", "unrecognized function"))
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -342,9 +342,27 @@ def load_coco(
     if bad_crowd:
         raise _problem(path, bad_crowd, "an iscrowd that is not 0 or 1", "set iscrowd to 0 or 1")
     if nonpositive and invalid_boxes == "error":
-        raise _problem(path, nonpositive, "a bbox with width or height <= 0", "fix the box or load with invalid_boxes='drop'")
+        raise _problem(
+            path,
+            nonpositive,
+            "a bbox with width or height <= 0",
+            "give it a positive size or remove the annotation (glip zeroshot and glip finetune refuse such boxes)",
+        )
     if nonpositive:
         warnings.warn(f"{path}: dropped {len(nonpositive)} annotation(s) whose bbox has width or height <= 0", stacklevel=2)
+    outside = [
+        (a["id"], f"bbox {list(a['bbox'])} in a {images[a['image_id']]['width']}x{images[a['image_id']]['height']} image")
+        for a in kept
+        if _wholly_outside(a["bbox"], images[a["image_id"]])
+    ]
+    if outside:
+        first = outside[0]
+        warnings.warn(
+            f"{path}: {len(outside)} annotation(s) lie wholly outside their image (first: annotation id {first[0]!r}, "
+            f"{first[1]}): they cannot be detected (they count as missed in AP) and training drops them; fix the "
+            "boxes or the image sizes",
+            stacklevel=2,
+        )
     for ann in kept:
         ann.setdefault("iscrowd", 0)
         if not _is_number(ann.get("area")):
@@ -352,6 +370,12 @@ def load_coco(
     info = {k: v for k, v in raw.items() if k not in ("images", "annotations", "categories")}
     dropped = len(nonpositive) if invalid_boxes == "drop" else 0
     return CocoData(path, images, kept, categories, info=info, dropped_boxes=dropped)
+
+
+def _wholly_outside(box: Sequence[float], image: dict) -> bool:
+    """Whether an ``[x, y, w, h]`` box has no pixel inside its ``width`` x ``height`` image."""
+    x, y, w, h = (float(v) for v in box)
+    return x >= image["width"] or y >= image["height"] or x + w <= 0 or y + h <= 0
 
 
 def _as_coco_data(coco: CocoData | str | os.PathLike) -> CocoData:

@@ -32,6 +32,10 @@ STDOUT = "-"
 _DIRECT_ROOTS = ("/dev/", "/proc/")
 
 
+FULL_DISK_HINT = ": free some space (or write elsewhere) and run again"
+"""What :func:`output_error` appends for a full disk (a resumable command says how to continue instead)."""
+
+
 class OutputError(OSError):
     """An output file cannot be written (full disk, permissions, a folder in the way); the message
     names the file and the reason in one line."""
@@ -59,7 +63,7 @@ def output_error(path: str | os.PathLike, exc: BaseException) -> OutputError:
         return exc
     reason = _reason(exc)
     full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in reason or "StorageFull" in str(exc)
-    hint = ": free some space (or write elsewhere) and run again" if full else ""
+    hint = FULL_DISK_HINT if full else ""
     error = OutputError(f"cannot write {path}: {reason}{hint}")
     error.errno = getattr(exc, "errno", None) or (errno.ENOSPC if full else None)
     return error

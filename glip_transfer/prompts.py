@@ -459,11 +459,15 @@ class PromptChunk:
 class DetectionPrompt:
     """The prompt(s) of a set of categories: one chunk, or several when they do not fit in one
     caption. ``notices`` says what was done beyond the plain official caption (automatic
-    chunking, background entries left out)."""
+    chunking, background entries left out). ``unknown_only``: names whose tokens are all the
+    tokenizer's unknown token (an emoji); ``same_names``: groups of categories whose caption text
+    is the same (the model cannot tell them apart)."""
 
     chunks: tuple[PromptChunk, ...]
     notices: tuple[str, ...] = ()
     dropped_background: tuple[str, ...] = ()
+    unknown_only: tuple[str, ...] = ()
+    same_names: tuple[tuple[str, ...], ...] = ()
 
     @property
     def captions(self) -> list[str]:
@@ -605,15 +609,60 @@ def build_detection_prompt(
         )
 
     chunks = []
+    unknown_only: list[str] = []
+    unk = getattr(tokenizer, "unk_token_id", None)
     for group in groups:
         caption = build_caption(group, prompts, separator, sort=False)
         encoding = _encode(tokenizer, caption.text, add_special_tokens=True)
         pmap = positive_map(encoding, caption.spans_per_label, max_len, caption.names, warn=False)
         chunks.append(PromptChunk(caption, pmap.matrix, tuple(pmap.undetectable)))
-    result = DetectionPrompt(tuple(chunks), tuple(notices), tuple(dropped))
+        ids = encoding["input_ids"]
+        for row, name in enumerate(caption.names):
+            tokens = torch.nonzero(pmap.matrix[row], as_tuple=True)[0].tolist()
+            if unk is not None and tokens and all(ids[t] == unk for t in tokens):
+                unknown_only.append(name)
+    result = DetectionPrompt(
+        tuple(chunks), tuple(notices), tuple(dropped), tuple(unknown_only), same_caption_text(cats, prompts)
+    )
     if warn and result.undetectable:
         warnings.warn(undetectable_message(result.undetectable), stacklevel=2)
+    if warn and result.unknown_only:
+        warnings.warn(unknown_only_message(result.unknown_only), stacklevel=2)
+    if warn and result.same_names:
+        warnings.warn(same_names_message(result.same_names), stacklevel=2)
     return result
+
+
+def same_caption_text(
+    categories: Sequence[tuple[Any, str]], prompts: Mapping[Any, CategoryPrompt] | None = None
+) -> tuple[tuple[str, ...], ...]:
+    """Groups (2 or more) of categories whose caption text is the same up to case and spaces (BERT
+    is uncased): the model sees one phrase for all of them."""
+    by_text: dict[str, list[str]] = {}
+    for cid, name in categories:
+        text = " ".join(_piece(cid, name, prompts or {}).lower().split())
+        if text:  # a blank name is reported as undetectable instead
+            by_text.setdefault(text, []).append(f"{name} (id {cid!r})")
+    return tuple(tuple(names) for names in by_text.values() if len(names) > 1)
+
+
+def unknown_only_message(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+    what = "category is" if len(names) == 1 else f"{len(names)} categories are"
+    return (
+        f"{what} only unknown tokens ([UNK]) to the tokenizer: {shown}; the model cannot read the name (every unknown "
+        "word looks the same to it): name it in words (for a dataset: a prompt file's override)"
+    )
+
+
+def same_names_message(groups: Sequence[Sequence[str]]) -> str:
+    shown = "; ".join(" = ".join(group) for group in groups[:5]) + (
+        f" and {len(groups) - 5} more groups" if len(groups) > 5 else ""
+    )
+    return (
+        f"categories with the same name: {shown}; the model sees one phrase and cannot tell them apart: rename them "
+        "(for a dataset: a prompt file's override, or merge them in the annotation file)"
+    )
 
 
 def _id_range(cats: Sequence[tuple[Any, str]]) -> str:

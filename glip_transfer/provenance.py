@@ -48,7 +48,11 @@ TRAINING: tuple[str, ...] = (
     "mode",
     "captions",
     "tokens_sha256",
-    "data",
+    "data.train.sha256",
+    "data.val.sha256",
+    "data.test.sha256",
+    "data.shots",
+    "data.shuffle_seed",
     "evaluation",
     "model",
     "train",
@@ -59,6 +63,7 @@ NOT_DECIDING: tuple[str, ...] = (
     "evaluation.batch_size",  # results do not depend on the batch size (images batched by padded size)
     "evaluation.amp",  # what decides is evaluation.precision (AMP is a no-op on a CPU)
     "model.language.tokenizer",  # where the vocabulary came from; tokens_sha256 says what it made
+    "model.head.gradient_checkpointing",  # recomputes activations in backward: the same gradients
 )
 """Keys inside the prefixes above that change nothing in the outputs."""
 

@@ -155,8 +155,9 @@ def hub_env(hf_home: Path, endpoint: str | None, **extra: str) -> dict[str, str]
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(HF_HOME=str(hf_home), GLIP_PROGRESS="0", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
-               HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="10", HF_HUB_DISABLE_UPDATE_CHECK="1",
+               HF_HUB_ETAG_TIMEOUT="60", HF_HUB_DOWNLOAD_TIMEOUT="60", HF_HUB_DISABLE_UPDATE_CHECK="1",
                PYTHONWARNINGS="ignore::DeprecationWarning")  # fmt: skip
+    # the timeouts only bound a stuck request: a busy machine can take seconds to answer on loopback
     if endpoint is not None:
         env["HF_ENDPOINT"] = endpoint
     env.pop("GLIP_DATA", None)

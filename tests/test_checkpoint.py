@@ -166,3 +166,17 @@ def test_loaded_model_is_complete_and_float32(tmp_path, tiny_model):
         assert {t.dtype for t in model.parameters()} == {torch.float32}
         ids = model.language_backbone.body.model.embeddings.position_ids
         assert torch.equal(ids.flatten()[:5], torch.arange(5))
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    import random
+
+    path = tmp_path / "noise.pth"
+    data = bytearray(random.Random(0).randbytes(4096))
+    for first in (0x41, 0x80):  # any bytes; and bytes that begin like a pickle but are none
+        data[:2] = bytes([first, 0x02])
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError) as err:
+            read_state_dict(path)
+        assert "not a PyTorch checkpoint" in str(err.value) or "truncated or corrupt" in str(err.value), err.value
+        assert "unpickle" not in str(err.value) and "\n" not in str(err.value)

@@ -356,3 +356,19 @@ def test_training_dataset_drops_images_without_boxes(tmp_path):
 def test_coco_boxes_to_xyxy_reference_convention():
     boxes = torch.tensor([[10.0, 20.0, 5.0, 1.0], [0.0, 0.0, 0.5, 3.0]])
     assert coco_boxes_to_xyxy(boxes).tolist() == [[10.0, 20.0, 14.0, 20.0], [0.0, 0.0, 0.0, 2.0]]
+
+
+def test_a_box_wholly_outside_its_image_is_warned_about(tmp_path):
+    data = _coco_dict()
+    width = data["images"][0]["width"]
+    data["annotations"][1]["bbox"] = [width + 5, 1, 4, 4]  # annotation 11, right of its image
+    ann = _write_dataset(tmp_path, data, make_images=False)
+    with pytest.warns(UserWarning, match=r"1 annotation\(s\) lie wholly outside their image \(first: annotation id 11"):
+        coco = load_coco(ann)
+    assert len(coco.annotations) == len(data["annotations"])  # kept: the official evaluation counts it as missed
+    data["annotations"][1]["bbox"] = [width - 1, 1, 4, 4]  # partly inside: no warning
+    (tmp_path / "ok").mkdir()
+    ann = _write_dataset(tmp_path / "ok", data, make_images=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_coco(ann)

@@ -109,6 +109,7 @@ def test_finished_run_is_not_overwritten_without_force(data, vocab_dir, tmp_path
     first = result_file.read_text()
     again = finetune(data, vocab_dir, *args)
     assert again.exit_code == 2 and "holds a finished run" in again.output
+    assert "trainable parameters" not in again.output  # refused before the model is built
     assert result_file.read_text() == first
     resumed = finetune(data, vocab_dir, *args, "--resume")
     assert resumed.exit_code == 2 and "finished run" in resumed.output
@@ -440,3 +441,116 @@ def test_bad_options_fail_before_the_model_is_built(
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- run folder: lock, disk, provenance
+
+
+def test_a_run_folder_in_use_is_one_line_for_finetune_and_pretrain(data, vocab_dir, tmp_path):
+    from glip_transfer.runlock import RunLock
+
+    ann, images = data
+    out = tmp_path / "run"
+    args = ["--variant", "test-tiny", "--epochs", "1", "--batch-size", "4", "--out", out]
+    with RunLock(out, command="glip finetune --out run"):
+        results = [
+            finetune(data, vocab_dir, "--mode", "linear", *args),
+            invoke("pretrain", "--ann", ann, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu", *SIZES,
+                   *args),
+        ]  # fmt: skip
+        assert [p.name for p in out.iterdir()] == [".glip.lock"]  # the refused runs wrote nothing
+    for result in results:
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "is in use by another glip run" in text, result.output
+        assert "(glip finetune --out run" in text and "Traceback" not in result.output
+        assert "trainable parameters" not in text  # refused before the model is built
+        assert len([l for l in result.output.splitlines() if l.startswith("error:")]) == 1
+
+
+def test_out_that_is_a_file_is_one_line_before_loading(data, vocab_dir, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    result = finetune(data, vocab_dir, "--variant", "test-tiny", "--mode", "linear", "--out", out)
+    assert result.exit_code == 2 and "is a file; give a folder" in " ".join(result.output.split())
+    assert "Traceback" not in result.output and out.read_text() == "mine"
+
+
+def test_finished_run_keeps_one_copy_of_its_weights_and_records_its_provenance(data, vocab_dir, tmp_path):
+    args = ["--variant", "test-tiny", "--mode", "full", "--epochs", "1", "--batch-size", "4", "--set", "train.lr=3e-4"]
+    ann, images = data
+    args += ["--val-ann", ann, "--val-images", images]
+    lean, kept = tmp_path / "lean", tmp_path / "kept"
+    assert finetune(data, vocab_dir, *args, "--out", lean).exit_code == 0
+    assert finetune(data, vocab_dir, *args, "--out", kept, "--keep-checkpoints").exit_code == 0
+    names = sorted(p.name for p in lean.iterdir())
+    assert names == ["config.json", "curves.png", "log.jsonl", "result.json", "weights.safetensors"]
+    assert sorted(p.name for p in (kept / "checkpoints").iterdir()) == ["last.safetensors"]  # resumable, no best
+    weights = (lean / "weights.safetensors").stat().st_size
+    assert sum(p.stat().st_size for p in lean.rglob("*") if p.is_file()) < 1.1 * weights
+
+    result, config = (json.loads((lean / name).read_text()) for name in ("result.json", "config.json"))
+    for record in (result["provenance"], config["provenance"]):
+        assert record["kind"] == "finetune" and record["variant"] == "test-tiny" and record["mode"] == "full"
+        assert record["weights"]["sha256"] == result["base_sha256"] and record["device"] == "cpu"
+        assert "train.lr=3e-4" in record["overrides"] and record["train"]["lr"] == 3e-4
+        assert record["train"]["epochs"] == 1 and record["evaluation"]["min_size"] == 96
+        assert record["evaluation"]["batch_size"] == 1 and record["evaluation"]["precision"] == "float32"
+        assert record["captions"] == [config["caption"]] and len(record["tokens_sha256"]) == 64
+        assert record["data"]["train"]["sha256"] == record["data"]["val"]["sha256"] and record["recipe"]
+        assert {"glip_transfer", "torch", "transformers"} <= set(record["versions"]) and record["date"]
+        assert record["command"][0] == "glip"
+    assert result["provenance"]["started"] == config["provenance"]["date"]
+
+
+def test_a_full_disk_during_finetune_is_one_line_and_resume_finishes(data, vocab_dir, tmp_path):
+    """A real write failure in a child process (a file-size limit: the checkpoint's write fails as
+    on a full disk, safetensors' SafetensorError): one line, exit 2, what was written kept, and
+    --resume finishes the run."""
+    import os
+    import subprocess
+    import sys
+
+    ann, images = data
+    out = tmp_path / "run"
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000))\n"  # config.json fits, a checkpoint not
+        "from glip_transfer.cli import main\n"
+        "sys.argv = ['glip'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    run_args = ["--variant", "test-tiny", "--mode", "full", "--epochs", "2", "--batch-size", "4", "--out", out]
+    args = ["finetune", "--ann", ann, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu", *SIZES]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args + run_args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GLIP_PROGRESS": "0"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "File too large" in error[0] and "continue with --resume" in error[0], done.stderr
+    assert (out / "config.json").exists() and (out / "log.jsonl").exists() and not (out / "result.json").exists()
+    assert not list(out.rglob(".*.tmp"))  # no half-written file left behind
+    resumed = finetune(data, vocab_dir, *run_args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    steps = [r["step"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["type"] == "step"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_zero_area_boxes_are_refused_as_zeroshot_refuses_them(data, vocab_dir, tmp_path):
+    """One rule for both commands (load_coco's default): a degenerate box is one line naming it."""
+    ann, images = data
+    broken = json.loads(ann.read_text())
+    broken["annotations"][0]["bbox"][2] = 0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(broken))
+    result = invoke(
+        "finetune", "--ann", bad, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu",
+        "--variant", "test-tiny", "--mode", "linear", "--dry-run",
+    )  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "has a bbox with width or height <= 0" in text, result.output
+    assert "Traceback" not in result.output

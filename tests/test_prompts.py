@@ -416,3 +416,28 @@ def test_phrase_prompt_positive_map(tokenizer):
     assert chunk.label_to_tokens == {1: [2], 2: [5, 6]}
     with pytest.raises(PromptError, match="tokens"):
         phrase_prompt(tokenizer, " ".join(["word"] * 300))
+
+
+def test_unknown_only_and_same_names_are_warned_about_once_each(tokenizer):
+    categories = [(1, "🦀"), (2, "dog"), (3, "🐟 fish"), (4, "Dog"), (5, "cat"), (6, "dog ")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompt = build_detection_prompt(tokenizer, categories)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages
+    assert prompt.unknown_only == ("🦀",)  # a name with one word the tokenizer knows is readable
+    assert "category is only unknown tokens ([UNK]) to the tokenizer: '🦀'" in messages[0]
+    assert prompt.same_names == (("dog (id 2)", "Dog (id 4)", "dog  (id 6)"),)
+    assert "categories with the same name: dog (id 2) = Dog (id 4) = dog  (id 6);" in messages[1]
+    assert all("\n" not in m for m in messages)
+    # a prompt file's override makes them different
+    from glip_transfer.prompts import CategoryPrompt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prompt = build_detection_prompt(
+            tokenizer,
+            [(2, "dog"), (4, "Dog"), (1, "🦀")],
+            {4: CategoryPrompt(4, override="puppy"), 1: CategoryPrompt(1, override="crab")},
+        )
+    assert not caught and prompt.same_names == () and prompt.unknown_only == ()

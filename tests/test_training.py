@@ -575,7 +575,7 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_training_state_round_trip_and_corrupt_last_falls_back(tmp_path):
+def test_training_state_round_trip_one_resumable_state_and_corrupt_last(tmp_path):
     from glip_transfer.checkpoint import CheckpointError
     from glip_transfer.training.state import load_last, load_state_file, rng_state, save_last, set_rng_state
 
@@ -583,17 +583,23 @@ def test_training_state_round_trip_and_corrupt_last_falls_back(tmp_path):
     save_last(tmp_path, t1, {"step": 1})
     t2 = {"param/a": torch.ones(2, 3), "optim/0/step": torch.tensor(4.0)}
     save_last(tmp_path, t2, {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # one resumable state, no last.prev
     tensors, state, path = load_last(tmp_path)
     assert state == {"step": 2} and torch.equal(tensors["param/a"], t2["param/a"]) and path.name == "last.safetensors"
     raw = bytearray((tmp_path / "last.safetensors").read_bytes())
     raw[-3] ^= 0xFF  # flip bits in the tensor data: the checksum catches it
     (tmp_path / "last.safetensors").write_bytes(bytes(raw))
-    with pytest.warns(UserWarning, match="falling back"):
-        tensors, state, path = load_last(tmp_path)
-    assert state == {"step": 1} and path.name == "last.prev.safetensors"
-    (tmp_path / "last.prev.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="unreadable"), pytest.warns(UserWarning, match="falling back"):
+    with pytest.raises(CheckpointError, match="checksum mismatch.*cannot be resumed; start it again with --force"):
         load_last(tmp_path)
+    # a run folder of an earlier version, with last.prev beside a corrupt last: it falls back
+    save_last(tmp_path / "old", t1, {"step": 1})
+    (tmp_path / "old" / "last.safetensors").rename(tmp_path / "old" / "last.prev.safetensors")
+    (tmp_path / "old" / "last.safetensors").write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="falling back"):
+        tensors, state, path = load_last(tmp_path / "old")
+    assert state == {"step": 1} and path.name == "last.prev.safetensors"
+    save_last(tmp_path / "old", t2, {"step": 2})
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["last.safetensors"]
     (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(CheckpointError):
         load_state_file(tmp_path / "trunc.safetensors")
@@ -787,3 +793,31 @@ def test_gradient_checkpointing_setting_recomputes_head_and_swin_in_backward(
     out = trainer.train_step(Collate()([prep.dataset[0], prep.dataset[1]]))
     assert math.isfinite(out["loss"]) and not out["skipped"]
     assert counts == [calls] * len(counts), counts
+
+
+def test_resume_decision_applies_only_what_decides_the_future():
+    from glip_transfer.training.config import TrainConfig, resume_decision
+
+    diff = {"train.epochs": (3, 4), "train.workers": (0, 2), "train.lr": (1e-4, 1e-3), "data.shots": (0, 5)}
+    applied, refused = resume_decision(diff, TrainConfig(schedule="plateau"))
+    assert set(applied) == {"train.epochs", "train.workers"} and set(refused) == {"train.lr", "data.shots"}
+    # milestones given as fractions of the run: its length decides the schedule already followed
+    applied, refused = resume_decision(diff, TrainConfig(schedule="multistep", milestones=(0.67, 0.89)))
+    assert set(applied) == {"train.workers"} and set(refused) == {"train.epochs", "train.lr", "data.shots"}
+    applied, _ = resume_decision({"train.epochs": (3, 4)}, TrainConfig(schedule="multistep", milestones=(100, 200)))
+    assert set(applied) == {"train.epochs"}
+
+
+def test_settings_that_change_no_weight_are_no_change_on_resume():
+    from glip_transfer.config import ConfigError
+    from glip_transfer.provenance import TRAINING, changes, identity
+    from glip_transfer.training.config import TrainConfig, apply_train_overrides
+
+    saved = {"model": {"head": {"gradient_checkpointing": False}}, "evaluation": {"batch_size": 1, "min_size": 800}}
+    now = {"model": {"head": {"gradient_checkpointing": True}}, "evaluation": {"batch_size": 4, "min_size": 800}}
+    assert changes(identity(saved, TRAINING), identity(now, TRAINING)) == {}
+    now["evaluation"]["min_size"] = 600  # decides validation AP, hence the best weights
+    assert changes(identity(saved, TRAINING), identity(now, TRAINING)) == {"evaluation.min_size": (800, 600)}
+    moved = r"train.eval_batch_size is now evaluation.batch_size.*--set evaluation.batch_size=2"
+    with pytest.raises(ConfigError, match=moved):
+        apply_train_overrides(TrainConfig(), ["eval_batch_size=2"])

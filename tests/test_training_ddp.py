@@ -58,6 +58,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, vocab_dir)
         "--device",
         "cpu",
         "--force",
+        "--keep-checkpoints",  # the resumable state holds the final weights (the artifact the best)
         "--set",
         "train.lr=1e-3",
         "--set",

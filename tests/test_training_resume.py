@@ -1,5 +1,5 @@
 """Kill-and-resume: a run stopped mid-epoch and resumed ends with exactly the weights of an
-uninterrupted run (same seed, same machine); a corrupt ``last`` falls back to ``last.prev``."""
+uninterrupted run (same seed, same machine); a corrupt ``last`` is one line naming --force."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def run(
     resume: bool = False,
     force: bool = True,
     stop_after_steps: int = 0,
+    keep_checkpoints: bool = True,
+    progress: bool = False,
 ) -> dict:
     ann, images = data
     spec = RunSpec(
@@ -46,7 +48,8 @@ def run(
         force=force,
         resume=resume,
         tokenizer=str(vocab_dir),
-        progress=False,
+        progress=progress,
+        keep_checkpoints=keep_checkpoints,
         sets=[
             "train.min_sizes=[64,96]",
             "train.max_size=160",
@@ -98,14 +101,104 @@ def test_stopped_and_resumed_run_equals_uninterrupted(data, vocab_dir, tmp_path,
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_corrupt_last_falls_back_to_the_previous_checkpoint(data, vocab_dir, tmp_path):
-    run(data, vocab_dir, tmp_path / "a", "full")
+def test_corrupt_last_is_one_line_naming_force(data, vocab_dir, tmp_path):
+    from glip_transfer.checkpoint import CheckpointError
+
     run(data, vocab_dir, tmp_path / "b", "full", stop_after_steps=5)
     ckpt = tmp_path / "b" / "checkpoints"
-    assert (ckpt / "last.prev.safetensors").exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["best.safetensors", "last.safetensors"]  # no last.prev
     raw = (ckpt / "last.safetensors").read_bytes()
-    (ckpt / "last.safetensors").write_bytes(raw[: len(raw) // 3])  # a torn write
-    with pytest.warns(UserWarning, match="falling back to the previous checkpoint"):
-        resumed = run(data, vocab_dir, tmp_path / "b", "full", resume=True, force=False)
-    assert resumed["status"] == "finished"
-    assert_same_run(tmp_path / "a", tmp_path / "b")  # replayed from step 4: the same end
+    (ckpt / "last.safetensors").write_bytes(raw[: len(raw) // 3])  # damaged on disk
+    with pytest.raises(CheckpointError, match="cannot be resumed; start it again with --force"):
+        run(data, vocab_dir, tmp_path / "b", "full", resume=True, force=False)
+
+
+def test_resume_refuses_a_changed_learning_rate_and_applies_a_longer_run(data, vocab_dir, tmp_path):
+    """The restored optimiser and schedule follow the saved learning rate: a resume with another
+    is refused (naming it and --force) before anything is written; a longer run is applied, logged,
+    and config.json records what trained."""
+    from glip_transfer.config import ConfigError
+    from glip_transfer.training.report import read_log
+
+    out = tmp_path / "b"
+    run(data, vocab_dir, out, "lora", stop_after_steps=4)
+    config = (out / "config.json").read_text()
+    log = (out / "log.jsonl").read_text()
+    refused = r"cannot resume with changed settings \(train\.lr 0\.002 → 0\.001\).*--force"
+    with pytest.raises(ConfigError, match=refused):
+        run(data, vocab_dir, out, "lora", "train.lr=1e-3", resume=True, force=False)
+    assert (out / "config.json").read_text() == config and (out / "log.jsonl").read_text() == log
+    resumed = run(data, vocab_dir, out, "lora", "train.epochs=4", resume=True, force=False)
+    assert resumed["status"] == "finished" and resumed["steps"] == 12
+    assert {"type": "resume", "step": 4, "applied": {"train.epochs": {"saved": 3, "now": 4}}} in read_log(
+        out / "log.jsonl"
+    )
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["epochs"] == saved["provenance"]["train"]["epochs"] == 4
+    first = json.loads(config)["provenance"]["date"]
+    result = json.loads((out / "result.json").read_text())
+    assert saved["provenance"]["started"] == result["provenance"]["started"] == first  # the first start
+    assert saved["train"]["lr"] == 2e-3
+
+
+def test_the_progress_bar_of_a_resumed_run_counts_to_its_total(data, vocab_dir, tmp_path, monkeypatch):
+    """Resumed at step 4 of 9, the bar starts at 4 and ends at 9 (never past its total)."""
+    from rich.progress import Progress
+
+    import glip_transfer.training.engine as engine
+
+    seen = []
+
+    class Recording(Progress):
+        def add_task(self, description, **kw):
+            seen.append(("add", kw.get("total"), kw.get("completed")))
+            return super().add_task(description, **kw)
+
+        def update(self, task_id, **kw):
+            if "completed" in kw:
+                seen.append(("update", self._tasks[task_id].total, kw["completed"]))
+            return super().update(task_id, **kw)
+
+    monkeypatch.setattr(engine, "progress_bar", lambda: Recording(disable=True))
+    run(data, vocab_dir, tmp_path / "b", "lora", stop_after_steps=4, progress=True)
+    seen.clear()
+    run(data, vocab_dir, tmp_path / "b", "lora", resume=True, force=False, progress=True)
+    assert seen[0] == ("add", 9, 4)
+    assert [c for _, _, c in seen[1:]] == [5, 6, 7, 8, 9] and all(c <= total for _, total, c in seen)
+
+
+def test_a_full_disk_says_how_to_continue_once(data, vocab_dir, tmp_path, monkeypatch):
+    import errno
+
+    import glip_transfer.training.engine as engine
+    from glip_transfer.files import OutputError, output_error
+
+    def full(folder, tensors, state):
+        raise output_error(folder / "last.safetensors", OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(engine, "save_last", full)
+    with pytest.raises(OutputError) as failed:
+        run(data, vocab_dir, tmp_path / "b", "lora")
+    assert str(failed.value).endswith(
+        "last.safetensors: No space left on device; what was written before is kept: free some space and continue "
+        "with --resume"
+    )
+    assert (tmp_path / "b" / "log.jsonl").exists() and not (tmp_path / "b" / ".glip.lock").exists()  # lock released
+
+
+def test_a_checkpoint_of_an_earlier_version_is_judged_by_its_training_settings(data, vocab_dir, tmp_path):
+    """Checkpoints written before the provenance record carry only the training settings: those
+    decide (a changed lr is refused), and the run resumes to the uninterrupted result."""
+    from glip_transfer.config import ConfigError
+    from glip_transfer.training.state import save_state_file
+
+    run(data, vocab_dir, tmp_path / "a", "lora")
+    run(data, vocab_dir, tmp_path / "b", "lora", stop_after_steps=4)
+    last = tmp_path / "b" / "checkpoints" / "last.safetensors"
+    tensors, state = load_state_file(last)
+    del state["provenance"]
+    save_state_file(last, tensors, state)
+    with pytest.raises(ConfigError, match=r"train\.lr 0\.002 → 0\.001"):
+        run(data, vocab_dir, tmp_path / "b", "lora", "train.lr=1e-3", resume=True, force=False)
+    assert run(data, vocab_dir, tmp_path / "b", "lora", resume=True, force=False)["status"] == "finished"
+    assert_same_run(tmp_path / "a", tmp_path / "b")

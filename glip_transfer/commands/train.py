@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import check_inference_settings
@@ -30,6 +31,7 @@ from .common import (
     err_console,
     fail,
     handle_errors,
+    note,
 )
 
 MODE_HELP = "full | prompt | linear | lora | text (described above)."
@@ -98,7 +100,8 @@ def _describe(prep) -> None:
     cfg = prep.cfg
     ds = prep.dataset
     console.print(
-        f"[bold]{prep.recipe.name}[/] — mode [bold]{prep.plan.mode}[/], {prep.model.cfg.variant} on {prep.device}"
+        f"[bold]{escape(prep.recipe.name)}[/] — mode [bold]{prep.plan.mode}[/], {prep.model.cfg.variant} on "
+        f"{prep.device}"
         f"{f', {prep.dist.world} processes' if prep.dist.enabled else ''}; "
         f"{ds.num_images} training images x {cfg.copies} copies, {cfg.epochs} epochs, batch {cfg.batch_size}, lr "
         f"{cfg.lr:g}",
@@ -107,10 +110,13 @@ def _describe(prep) -> None:
     )
     if prep.prompt is not None:
         console.print(
-            f"caption ({prep.prompt.length} tokens): {prep.prompt.caption[:300]!r}", highlight=False, soft_wrap=True
+            f"caption ({prep.prompt.length} tokens): {prep.prompt.caption[:300]!r}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
         )
-    for note in prep.notes:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for text in prep.notes:
+        note(text)
     console.print(_summary_table(prep))
     console.print(f"trainable parameters: {prep.trainable:,} of {prep.total:,}", highlight=False, soft_wrap=True)
 
@@ -123,7 +129,7 @@ def _run(spec_fields: dict, seeds: list[int] | None, dry_run: bool, as_json: boo
     from ..training.engine import Trainer
     from ..training.run import RESULT_FILE, RunSpec, prepare, train_run
 
-    spec = RunSpec(**spec_fields)
+    spec = RunSpec(**spec_fields, dry_run=dry_run)
     dist_info, device = init_from_env(spec.device)
     try:
         with warnings.catch_warnings():
@@ -140,7 +146,9 @@ def _run(spec_fields: dict, seeds: list[int] | None, dry_run: bool, as_json: boo
                     done = prep.out / RESULT_FILE
                     if spec.resume and done.exists():
                         if dist_info.main:
-                            console.print(f"seed {seed}: finished earlier ({prep.out}), reusing its result")
+                            console.print(
+                                f"seed {seed}: finished earlier ({prep.out}), reusing its result", markup=False
+                            )
                         summaries.append((seed, json.loads(done.read_text())))
                         continue
                 if dry_run:
@@ -172,7 +180,7 @@ def _run(spec_fields: dict, seeds: list[int] | None, dry_run: bool, as_json: boo
                 summary = train_run(prep, console=console if dist_info.main else None)
                 summaries.append((seed, summary))
                 if dist_info.main:
-                    console.print(f"written: {prep.out}", highlight=False)
+                    console.print(f"written: {prep.out}", highlight=False, markup=False)
             if seeds and dist_info.main:
                 _seed_summary(summaries, Path(base_out))
     finally:
@@ -262,6 +270,9 @@ def finetune_command(
     workers: int = typer.Option(
         None, "--workers", min=0, help="Image loading processes per process (train.workers) [default: 0]."
     ),
+    keep_checkpoints: bool = typer.Option(
+        False, "--keep-checkpoints", help="Keep the resumable state (optimiser included) of a finished run."
+    ),
 ):
     """Transfer a GLIP model to a dataset: full fine-tuning, prompt tuning, linear probing, LoRA or text-only.
 
@@ -307,6 +318,7 @@ def finetune_command(
         resume=resume,
         force=force,
         workers=workers,
+        keep_checkpoints=keep_checkpoints,
     )
     _run(spec, seed_list, dry_run, as_json)
 
@@ -344,6 +356,9 @@ def pretrain_command(
     workers: int = typer.Option(
         None, "--workers", min=0, help="Image loading processes per process (train.workers) [default: 0]."
     ),
+    keep_checkpoints: bool = typer.Option(
+        False, "--keep-checkpoints", help="Keep the resumable state (optimiser included) of a finished run."
+    ),
 ):
     """Pretrain (all parameters) on grounding data or on detection data turned into grounding.
 
@@ -375,5 +390,6 @@ def pretrain_command(
         force=force,
         workers=workers,
         pretrain=True,
+        keep_checkpoints=keep_checkpoints,
     )
     _run(spec, None, dry_run, as_json)

@@ -71,7 +71,6 @@ class TrainConfig:
     copies: int = 1  # DATASETS.GENERAL_COPY: passes over the training set per epoch
     freeze_backbone_at: int = 2  # MODEL.BACKBONE.FREEZE_CONV_BODY_AT (full mode): 2 = patch embed + stage 1; -1 = none
     eval_every_epochs: int = 1  # SOLVER.CHECKPOINT_PER_EPOCH
-    eval_batch_size: int = 4  # TEST.IMS_PER_BATCH
     eval_before: bool = False  # also evaluate the starting weights (logged as epoch 0; not used for selection)
     checkpoint_every_steps: int = 0  # also write `last` every N steps (0: after each epoch only)
     max_steps: int = 0  # stop training after N steps in total (0: all epochs)
@@ -131,4 +130,39 @@ def pretrain_config() -> TrainConfig:
 
 def apply_train_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """``--set train.key=value`` (the ``train.`` prefix already removed) applied and validated."""
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "eval_batch_size":
+            value = item.split("=", 1)[1] if "=" in item else "N"
+            raise ConfigError(
+                f"train.eval_batch_size is now evaluation.batch_size, one setting for validation, test and glip "
+                f"zeroshot eval: --set evaluation.batch_size={value}"
+            )
     return override_dataclass(cfg, overrides, "train").check()
+
+
+APPLIED_ON_RESUME: tuple[str, ...] = (
+    "train.workers",
+    "train.checkpoint_every_steps",
+    "train.epochs",
+    "train.max_steps",
+    "train.early_stop_patience",
+)
+"""Settings a ``--resume`` may change: they decide only what happens from now on (how long to
+train, when to stop early or write a checkpoint, how images load), so the run equals one started
+with them. Every other difference of the run's identity (the learning rates, whose optimiser
+and schedule state is restored from the checkpoint, the data, the model, the caption...) is
+refused. The run length is refused too under a multi-step schedule whose milestones are fractions
+of it."""
+
+
+def resume_decision(
+    diff: dict[str, tuple], cfg: TrainConfig
+) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """``(applied, refused)``: the changes ``{key: (saved, now)}`` of a resumed run's identity
+    split by :data:`APPLIED_ON_RESUME`."""
+    length_sets_milestones = cfg.schedule == "multistep" and any(m < 1 for m in cfg.milestones)
+    applied, refused = {}, {}
+    for key, change in diff.items():
+        ok = key in APPLIED_ON_RESUME and not (length_sets_milestones and key in ("train.epochs", "train.max_steps"))
+        (applied if ok else refused)[key] = change
+    return applied, refused

@@ -31,12 +31,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint import CheckpointError
+from ..config import ConfigError
 from ..model.autograd import needs_grad
 from ..model.glip import GLIP
 from ..model.language import TextFeatures, used_length
 from ..model.loss import GLIPLoss, GroundingTarget, LossConfig
+from ..provenance import TRAINING, changes, describe, identity
 from ..runtime import autocast, autocast_dtype, progress_bar
-from .config import TrainConfig
+from .config import TrainConfig, resume_decision
 from .data import Batch, EpochBatchSampler, FixedPrompt, make_train_loader
 from .distributed import DistInfo, all_reduce_mean, all_true, barrier, broadcast_object
 from .modes import ModePlan, set_train_modes
@@ -137,7 +139,10 @@ class Trainer:
     validation metrics (None: no validation; the last weights are the best).
 
     ``stop_after_steps`` (tests and tools, not a setting): end after that many steps as if the
-    process were killed, after writing the ``last`` checkpoint (0: off)."""
+    process were killed, after writing the ``last`` checkpoint (0: off). ``provenance``: the run's
+    record (:func:`glip_transfer.training.run.run_record`), saved with each checkpoint; a resume
+    whose record differs applies or refuses each change
+    (:func:`~glip_transfer.training.config.resume_decision`)."""
 
     def __init__(
         self,
@@ -153,8 +158,10 @@ class Trainer:
         console: Console | None = None,
         progress: bool = True,
         stop_after_steps: int = 0,
+        provenance: dict | None = None,
     ):
         self.module = module
+        self.provenance = provenance
         self.cfg = cfg
         self.dataset = dataset
         self.device = device
@@ -213,12 +220,17 @@ class Trainer:
             "rng": rng_json,
             "mode": self.module.plan.mode,
             "config": _jsonable(asdict(self.cfg)),
+            "provenance": _jsonable(self.provenance) if self.provenance is not None else None,
         }
         save_last(self.ckpt_dir, tensors, state)
 
     def resume(self) -> bool:
-        """Restore from ``checkpoints/last`` (or ``last.prev``); False when there is none."""
+        """Restore from ``checkpoints/last``; False when there is none. Settings that differ from
+        the checkpoint's are applied (and logged) or refused with a one-line
+        :class:`~glip_transfer.config.ConfigError` before anything is restored or written."""
         if not has_checkpoint(self.ckpt_dir):
+            if self.log is not None:  # stopped before its first checkpoint: the run starts over
+                self.log.truncate_after(-1)
             return False
         tensors, state, _ = load_last(self.ckpt_dir)
         mode = self.module.plan.mode
@@ -226,6 +238,10 @@ class Trainer:
             raise CheckpointError(
                 f"{self.ckpt_dir}: the checkpoint is of mode {state.get('mode')!r}, not {mode!r}: use another --out"
             )
+        applied = self._resume_changes(state)
+        saved = state.get("provenance") or {}
+        if self.provenance is not None and saved.get("date"):  # when the run first started
+            self.provenance["started"] = saved.get("started", saved["date"])
         params = trained_tensors(tensors, "param/", list(self.params))
         missing = [n for n in self.params if n not in params]
         if missing:
@@ -244,19 +260,37 @@ class Trainer:
                 self.ema.shadow[k].copy_(v)
         set_rng_state(tensors, state["rng"])
         self.state = TrainerState(**state["trainer"])
-        saved = state.get("config") or {}
-        now = _jsonable(asdict(self.cfg))
-        changed = sorted(k for k in now if k not in ("max_steps", "workers") and saved.get(k, now[k]) != now[k])
-        if changed:
-            warnings.warn(
-                f"resuming with changed settings ({', '.join(changed[:5])}): the run will not match an uninterrupted "
-                "one",
-                stacklevel=2,
-            )
         self.module.forget_text()
         if self.log is not None:
             self.log.truncate_after(self.state.step)
+            if applied:
+                changes = {k: {"saved": a, "now": b} for k, (a, b) in applied.items()}
+                self.log.write({"type": "resume", "step": self.state.step, "applied": changes})
+        if applied:
+            self._say(f"resuming with changed settings, applied from step {self.state.step}: {describe(applied)}")
         return True
+
+    def _resume_changes(self, state: dict) -> dict[str, tuple]:
+        """The changes from the checkpoint's record to this run's that are applied on resume;
+        raises :class:`~glip_transfer.config.ConfigError` naming those that are not."""
+        now = _jsonable(self.provenance) if self.provenance is not None else {"train": _jsonable(asdict(self.cfg))}
+        saved = state.get("provenance")
+        if saved is None:  # an earlier version's checkpoint: only its training settings are known
+            saved = {"train": state.get("config") or {}}
+            now = {"train": now.get("train", {})}
+        old, new = identity(saved, TRAINING), identity(now, TRAINING)
+        known_train_keys = {f"train.{f}" for f in self.cfg.__dataclass_fields__}
+        diff = {
+            k: v for k, v in changes(old, new).items() if not k.startswith("train.") or k in known_train_keys
+        }  # settings earlier versions had and this one has not are not changes
+        applied, refused = resume_decision(diff, self.cfg)
+        if refused:
+            raise ConfigError(
+                f"{self.out_dir}: cannot resume with changed settings ({describe(refused)}): the checkpoint was made "
+                "with the saved ones (its optimiser and schedule state follow them); resume with those, or pass "
+                "--force to start over"
+            )
+        return applied
 
     def save_best(self) -> None:
         if not self.dist.main:
@@ -393,7 +427,7 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.dist.main and self.console is not None:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False)
 
     # ------------------------------------------------------------------ the loop
 

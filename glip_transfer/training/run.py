@@ -8,12 +8,16 @@ data, the trainer; train; evaluate the best weights on test; write the artifacts
 Run folder (``--out``)::
 
     config.json           what was run (mode, recipe, caption, base hash, TrainConfig, model config)
-    log.jsonl             every step and every evaluation
-    checkpoints/          last.safetensors, last.prev.safetensors (resume), best.safetensors
-    prompt.safetensors | lora/ | weights.safetensors     the artifact of the mode
+                          and its provenance record (glip_transfer.provenance)
+    log.jsonl             every step and every evaluation (and what a resume applied)
+    checkpoints/          while running: last.safetensors (resume), best.safetensors (the best
+                          weights so far); removed when the run finishes (--keep-checkpoints keeps
+                          last)
+    prompt.safetensors | lora/ | weights.safetensors     the artifact of the mode: the best weights
     test/                 bbox.json, metrics.json, per_category.csv, report.md of the best weights
     curves.png            loss and val AP
-    result.json           the summary; its presence marks a finished run
+    result.json           the summary and the provenance; its presence marks a finished run
+    .glip.lock            while a run is writing here (glip_transfer.runlock)
 """
 
 from __future__ import annotations
@@ -29,25 +33,30 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, resolve_weights
 from ..config import ConfigError, override_dataclass, split_overrides, to_dict, variant_config
 from ..data import DetectionDataset, load_coco
-from ..evaluation import scalar_metrics, write_results
-from ..files import write_text
+from ..evaluation import crowded_images, scalar_metrics, write_results
+from ..files import FULL_DISK_HINT, OutputError, output_error, write_text
 from ..inference import EncodedPrompt
 from ..model.glip import GLIP, build_glip
 from ..prompts import DetectionPrompt
+from ..provenance import effective_evaluation, file_record, record, tokens_sha256
 from ..recipes import (
+    EvaluationConfig,
     Recipe,
     RecipeError,
     adhoc_recipe,
     categories_not_in_recipe,
+    dataset_name,
     evaluation_prompt,
     load_recipe,
     override_recipe,
     safe_name,
     split_paths,
 )
+from ..runlock import LOCK_FILE, RunLock, RunLocked
+from ..runtime import precision_name
 from ..tokenizer import default_tokenizer, load_tokenizer
 from ..transforms import TrainTransform
 from .artifacts import base_hash, save_artifact
@@ -62,12 +71,12 @@ from .data import (
     fixed_prompt,
     is_grounding_file,
 )
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, barrier, broadcast_object
 from .engine import Trainer, TrainModule
 from .evaluate import evaluate
 from .modes import ModePlan, apply_mode, count_parameters, get_mode, train_config_for, trainable_breakdown
 from .report import plot_curves, read_log
-from .state import has_checkpoint
+from .state import BEST, has_checkpoint, remove_resumable
 
 if TYPE_CHECKING:  # transformers costs a second to import; the tokenizer is loaded where needed
     from transformers import PreTrainedTokenizerBase
@@ -102,6 +111,8 @@ class RunSpec:
     workers: int | None = None
     pretrain: bool = False
     progress: bool = True
+    keep_checkpoints: bool = False  # keep the resumable state (optimiser included) of a finished run
+    dry_run: bool = False  # build everything, train nothing: the run folder is neither checked nor written
 
 
 def seed_everything(seed: int) -> None:
@@ -192,7 +203,7 @@ def build_train_data(
         if recipe.few_shot is None:
             raise RecipeError(f"recipe {recipe.name} has no prepared few-shot files; drop train.few_shot_prepared")
         train_ann = spec.data_root / recipe.few_shot.ann_file("train", spec.shots, cfg.shuffle_seed)
-    coco = load_coco(train_ann, invalid_boxes="drop")
+    coco = load_coco(train_ann)
     image_ids = None
     if spec.shots and not cfg.few_shot_prepared:
         image_ids = few_shot_image_ids(coco, spec.shots, cfg.shuffle_seed)
@@ -266,6 +277,10 @@ def build_eval_data(
         if detection_prompt is None:
             detection_prompt = evaluation_prompt(recipe, tokenizer, list(sets[split].coco.categories.values()))
     notes = [] if val_split is not None else ["no validation split: no model selection, the final weights are kept"]
+    for dataset in sets.values():
+        crowded = crowded_images(dataset, model.cfg.postprocess.detections_per_img)
+        if crowded:
+            notes.append(f"{dataset.coco.path.name}: {crowded}")
     encoded = None
     if detection_prompt is not None:
         encoded = EncodedPrompt.from_chunks(tokenizer, detection_prompt.chunks, model.cfg.language.max_query_len)
@@ -294,6 +309,7 @@ class Prepared:
     device: torch.device
     dist: DistInfo
     base: str  # the base model's identity (artifacts.base_hash)
+    evaluation: EvaluationConfig  # validation and test: the settings glip zeroshot eval uses too
     out: Path
     trainable: int
     total: int
@@ -302,10 +318,19 @@ class Prepared:
 
 
 def default_out(spec: RunSpec, recipe: Recipe) -> Path:
-    """``runs/finetune/<recipe>/<mode>[_<k>shot]`` or ``runs/pretrain/<recipe>/pretrain``."""
+    """``runs/finetune/<recipe>/<mode>[_<k>shot]`` or ``runs/pretrain/<recipe>/pretrain``; for
+    ``--ann`` the dataset's folder name (:func:`~glip_transfer.recipes.dataset_name`) instead of
+    the recipe's (Roboflow's ``<name>/train/_annotations.coco.json`` files would all collide)."""
     kind = "pretrain" if spec.pretrain else spec.mode
     leaf = kind + (f"_{spec.shots}shot" if spec.shots else "")
-    return Path("runs") / ("pretrain" if spec.pretrain else "finetune") / safe_name(recipe.name) / leaf
+    name = dataset_name(spec.ann, with_split=False) if spec.recipe is None and spec.ann is not None else recipe.name
+    return Path("runs") / ("pretrain" if spec.pretrain else "finetune") / safe_name(name) / leaf
+
+
+def check_out_path(out: Path) -> None:
+    """A one-line error, before anything is loaded, when ``--out`` is a file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the run (checkpoints, logs, weights, results)")
 
 
 def prepare(
@@ -320,6 +345,10 @@ def prepare(
     mode = "full" if spec.pretrain else get_mode(spec.mode).name
     sets = split_overrides(spec.sets, ("train", "model"))
     recipe = run_recipe(spec, sets["recipe"])
+    out = Path(spec.out or default_out(spec, recipe))
+    check_out_path(out)
+    if not spec.dry_run and dist_info.main:
+        check_run_folder(out, resume=spec.resume, force=spec.force)
     cfg = build_train_config(spec, recipe, sets["train"], shuffle_seed=shuffle_seed, world=dist_info.world)
     model, notes = build_model(spec, recipe, sets["model"], cfg.seed)
     base = base_hash(spec.weights, model)
@@ -346,7 +375,8 @@ def prepare(
         device=device,
         dist=dist_info,
         base=base,
-        out=Path(spec.out or default_out(spec, recipe)),
+        evaluation=recipe.evaluation,
+        out=out,
         trainable=trainable,
         total=total,
         breakdown=trainable_breakdown(model),
@@ -368,6 +398,15 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> str:
     if started and not resume:
         raise ConfigError(f"{out} holds an unfinished run: pass --resume to continue it or --force to start over")
     return "resume" if started and resume else "new"
+
+
+def check_run_folder(out: Path, *, resume: bool, force: bool) -> None:
+    """The refusals of a run folder, before anything is loaded (:func:`train_run` checks again,
+    under the lock): a finished or unfinished run there without ``--force`` / ``--resume``, or
+    another run holding it (:class:`~glip_transfer.runlock.RunLock`)."""
+    check_out_dir(out, resume=resume, force=force)
+    if (out / LOCK_FILE).exists():
+        RunLock(out).acquire().release()  # refused while its owner lives; a dead one's lock is dropped
 
 
 OWNED = (
@@ -403,14 +442,53 @@ def evaluate_on(prep: Prepared, dataset: DetectionDataset) -> tuple[list[dict], 
         prep.model,
         dataset,
         prep.encoded,
-        batch_size=prep.cfg.eval_batch_size,
+        batch_size=prep.evaluation.batch_size_on(prep.device),
         device=prep.device,
-        amp=prep.cfg.amp,
+        amp=prep.evaluation.amp,
         workers=prep.cfg.workers,
+        metric=prep.evaluation.metric,
     )
 
 
-def run_config(prep: Prepared) -> dict:
+def run_record(prep: Prepared) -> dict[str, Any]:
+    """The provenance record of a run (:mod:`glip_transfer.provenance`): what trained, on what
+    data, evaluated how, with which versions; its :data:`~glip_transfer.provenance.TRAINING` part
+    is saved with every checkpoint and checked on ``--resume``."""
+    spec = prep.spec
+    weights = {
+        "given": str(spec.weights) if spec.weights is not None else None,
+        "path": str(resolve_weights(spec.weights).resolve()) if spec.weights is not None else None,
+        "sha256": prep.base,
+    }
+    data: dict[str, Any] = {
+        "train": file_record(prep.dataset.coco.path),
+        "train_images": str(prep.dataset.image_root.resolve()),
+        "shots": spec.shots,
+        "shuffle_seed": prep.cfg.shuffle_seed,
+    }
+    for name, dataset in (("val", prep.val), ("test", prep.test)):
+        data[name] = file_record(dataset.coco.path) if dataset is not None else None
+    precision = precision_name(prep.device, prep.evaluation.amp)
+    batch_size = prep.evaluation.batch_size_on(prep.device)
+    return record(
+        kind="pretrain" if spec.pretrain else "finetune",
+        device=str(prep.device),
+        world_size=prep.dist.world,
+        weights=weights,
+        variant=prep.model.cfg.variant,
+        mode=prep.plan.mode,
+        overrides=list(spec.sets),
+        recipe=prep.recipe.name,
+        captions=[prep.prompt.caption] if prep.prompt is not None else None,
+        tokens_sha256=tokens_sha256([prep.prompt.input_ids]) if prep.prompt is not None else None,
+        data=data,
+        evaluation=effective_evaluation(prep.evaluation, prep.model.cfg, batch_size=batch_size, precision=precision),
+        train=to_dict(prep.cfg),
+        model=to_dict(prep.model.cfg),
+    )
+
+
+def run_config(prep: Prepared, provenance: dict | None = None) -> dict:
     """What ``config.json`` records."""
     return {
         "kind": "pretrain" if prep.spec.pretrain else "finetune",
@@ -429,6 +507,7 @@ def run_config(prep: Prepared) -> dict:
         "lora": prep.plan.lora,
         "images": prep.dataset.num_images,
         "world_size": prep.dist.world,
+        "provenance": provenance if provenance is not None else run_record(prep),
     }
 
 
@@ -458,9 +537,38 @@ def write_artifact(prep: Prepared, trainer: Trainer) -> Path:
 
 def train_run(prep: Prepared, console: Console | None = None, *, stop_after_steps: int = 0) -> dict:
     """Train, then evaluate the best weights on test and write the artifacts; returns the summary
-    (also written to ``result.json``). ``stop_after_steps`` (a hook for tests and tools): stop as
-    if killed after that many steps, with the ``last`` checkpoint written, and return
-    ``{"status": "stopped", ...}``."""
+    (also written to ``result.json``). The run folder is locked while this runs
+    (:class:`~glip_transfer.runlock.RunLock`; another run there fails in one line). A finished run
+    keeps one copy of its best weights (the artifact) and drops the checkpoints unless
+    ``spec.keep_checkpoints`` (which keeps the resumable ``last``). ``stop_after_steps`` (a hook
+    for tests and tools): stop as if killed after that many steps, with the ``last`` checkpoint
+    written, and return ``{"status": "stopped", ...}``."""
+    lock = RunLock(prep.out) if prep.dist.main else None
+    error: Exception | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLocked as e:
+            error = e
+        except OSError as e:
+            error = output_error(prep.out, e)
+    message = broadcast_object(str(error) if error is not None else None, prep.dist)  # every process stops
+    if message is not None:
+        raise error if error is not None else RunLocked(message)
+    try:
+        if lock is not None and lock.notice and console is not None:
+            console.print(f"note: {lock.notice}", highlight=False, markup=False)
+        return _train_locked(prep, console, stop_after_steps)
+    except OutputError as e:
+        text = str(e).removesuffix(FULL_DISK_HINT)
+        fix = "free some space" if text != str(e) else "fix that"
+        raise OutputError(f"{text}; what was written before is kept: {fix} and continue with --resume") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(prep: Prepared, console: Console | None, stop_after_steps: int) -> dict:
     spec, out, main = prep.spec, prep.out, prep.dist.main
     how = check_out_dir(out, resume=spec.resume, force=spec.force)
     barrier(prep.dist)
@@ -469,6 +577,8 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
     barrier(prep.dist)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+    provenance = run_record(prep)
+    provenance["started"] = provenance["date"]  # a resume sets the first start (Trainer.resume)
     validate = (lambda model: evaluate_on(prep, prep.val)[1]) if prep.val is not None else None
     trainer = Trainer(
         prep.module,
@@ -482,10 +592,11 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
         console=console,
         progress=spec.progress,
         stop_after_steps=stop_after_steps,
+        provenance=provenance,
     )
-    resumed = trainer.resume() if how == "resume" else False
+    resumed = trainer.resume() if how == "resume" else False  # refuses changed settings, before any write
     if main:
-        write_text(out / "config.json", json.dumps(run_config(prep), indent=2, default=str) + "\n")
+        write_text(out / "config.json", json.dumps(run_config(prep, provenance), indent=2, default=str) + "\n")
         if console is not None and resumed:
             console.print(
                 f"resuming at step {trainer.state.step} (epoch {trainer.state.epoch}, batch {trainer.state.batch})"
@@ -516,8 +627,11 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
     if main:
         if prep.test is not None:
             results, metrics = evaluate_on(prep, prep.test)
+            metrics["provenance"] = provenance
             write_results(out / "test", results, metrics)
-            summary["test"] = scalar_metrics({k: v for k, v in metrics.items() if k not in ("num_detections",)})
+            summary["test"] = scalar_metrics(
+                {k: v for k, v in metrics.items() if k not in ("num_detections", "provenance")}
+            )
             if console is not None:
                 console.print(
                     f"test (best weights, epoch {state.best_epoch}): AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}"
@@ -527,6 +641,20 @@ def train_run(prep: Prepared, console: Console | None = None, *, stop_after_step
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run
             summary["plot_error"] = str(e)
+        summary["provenance"] = dict(provenance, date=record()["date"])  # finished; "started": the first start
         write_text(out / RESULT_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+        finish_checkpoints(out / "checkpoints", keep=spec.keep_checkpoints)
     barrier(prep.dist)
     return summary
+
+
+def finish_checkpoints(folder: Path, *, keep: bool) -> None:
+    """After a finished run: the best weights live on in the artifact, so ``best`` goes; the
+    resumable state goes too unless ``keep`` (``--keep-checkpoints``)."""
+    (folder / BEST).unlink(missing_ok=True)
+    if not keep:
+        remove_resumable(folder)
+    try:
+        folder.rmdir()  # only when empty
+    except OSError:
+        pass

@@ -1,6 +1,8 @@
 """Resumable training state: one safetensors file per checkpoint (tensors) with the rest as JSON in
-its metadata — no pickle. ``last`` is rotated to ``last.prev`` before a new ``last`` is written
-(atomically), so a corrupt or missing ``last`` falls back to the one before it.
+its metadata — no pickle. A run keeps ONE resumable state, ``last``: a new one is written beside
+it and renamed over it once complete and on disk (:mod:`glip_transfer.files`), so at most two
+exist for a moment and a crash leaves the previous one whole. (Earlier versions also kept
+``last.prev``; it is read as a fallback where it exists and removed by the next save.)
 
 Saved: the trainable tensors, the optimiser state, the EMA averages, the learning-rate schedule,
 the AMP grad-scaler, every random state (torch CPU and CUDA, Python ``random``, NumPy) and the
@@ -11,7 +13,6 @@ and augmentation derive from (seed, epoch, index), so the counters restore them.
 from __future__ import annotations
 
 import json
-import os
 import random
 import warnings
 import zlib
@@ -26,6 +27,9 @@ from ..checkpoint import CheckpointError
 from ..files import write_file
 
 STATE_FORMAT = "glip-transfer-train-state"
+LAST = "last.safetensors"
+LAST_PREV = "last.prev.safetensors"  # written by earlier versions only
+BEST = "best.safetensors"
 
 LEGACY_NAMES = {"rpn.tunable_linear.weight": "prompt_offset"}
 """Trained tensors saved under another name by earlier versions (the prompt offset was the
@@ -72,31 +76,37 @@ def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def save_last(folder: str | Path, tensors: dict[str, torch.Tensor], state: dict) -> Path:
-    """Rotate ``last`` -> ``last.prev`` and write a new ``last`` (both ``.safetensors``)."""
+    """Write ``last.safetensors`` (atomically: the previous one stays whole until the new one is
+    on disk), and drop an earlier version's ``last.prev``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    last, prev = folder / "last.safetensors", folder / "last.prev.safetensors"
-    if last.exists():
-        os.replace(last, prev)
+    last = folder / LAST
     save_state_file(last, tensors, state)
+    (folder / LAST_PREV).unlink(missing_ok=True)
     return last
 
 
 def load_last(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
-    """The newest readable of ``last`` / ``last.prev``; warns when it had to fall back."""
+    """The resumable state ``last`` (or an earlier version's ``last.prev`` where ``last`` is
+    unreadable: with a warning); :class:`CheckpointError` when there is none to resume from."""
     folder = Path(folder)
-    last, prev = folder / "last.safetensors", folder / "last.prev.safetensors"
+    last, prev = folder / LAST, folder / LAST_PREV
     try:
         tensors, state = load_state_file(last)
         return tensors, state, last
     except CheckpointError as e:
         if not prev.is_file():
-            raise CheckpointError(
-                f"{e}; no earlier checkpoint (last.prev) to fall back to: start again without --resume (with --force)"
-            ) from None
+            raise CheckpointError(f"{e}: this run cannot be resumed; start it again with --force") from None
         warnings.warn(f"{e}; falling back to the previous checkpoint {prev.name}", stacklevel=2)
     tensors, state = load_state_file(prev)
     return tensors, state, prev
+
+
+def remove_resumable(folder: str | Path) -> None:
+    """Drop the resumable state of a finished run (``last``, and an earlier version's ``last.prev``)."""
+    folder = Path(folder)
+    for name in (LAST, LAST_PREV):
+        (folder / name).unlink(missing_ok=True)
 
 
 def trained_tensors(tensors: dict[str, torch.Tensor], prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
@@ -113,7 +123,7 @@ def trained_tensors(tensors: dict[str, torch.Tensor], prefix: str, names: list[s
 
 def has_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
-    return (folder / "last.safetensors").exists() or (folder / "last.prev.safetensors").exists()
+    return (folder / LAST).exists() or (folder / LAST_PREV).exists()
 
 
 # --------------------------------------------------------------------------- random states

@@ -105,6 +105,21 @@ class PostprocessConfig:
     score_agg: str = "MEAN"  # MEAN or MAX of token probabilities per phrase
     box_coder_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
 
+    def __post_init__(self) -> None:
+        # checked where the config is made, so `--set model.postprocess.nms_thresh=2` is one line
+        # (NaN fails the range tests too)
+        for name in ("pre_nms_thresh", "nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"postprocess.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("pre_nms_top_n", "detections_per_img"):
+            if getattr(self, name) < 1:
+                value = getattr(self, name)
+                raise ConfigError(f"postprocess.{name} must be >= 1 (there is no unlimited value), got {value}")
+        if not self.min_size >= 0.0:
+            raise ConfigError(f"postprocess.min_size (the smallest box side kept) must be >= 0, got {self.min_size}")
+        if self.score_agg not in ("MEAN", "MAX"):
+            raise ConfigError(f"postprocess.score_agg must be MEAN or MAX, got {self.score_agg!r}")
+
 
 @dataclass
 class InputConfig:
@@ -115,6 +130,14 @@ class InputConfig:
     pixel_mean: tuple[float, ...] = (103.530, 116.280, 123.675)  # BGR, 0..255
     pixel_std: tuple[float, ...] = (57.375, 57.120, 58.395)
     size_divisibility: int = 32
+
+    def __post_init__(self) -> None:
+        if self.min_size < 1 or self.max_size < self.min_size:
+            raise ConfigError(
+                f"input: min_size {self.min_size} / max_size {self.max_size}: need 1 <= min_size <= max_size"
+            )
+        if self.size_divisibility < 0:
+            raise ConfigError(f"input.size_divisibility must be >= 0, got {self.size_divisibility}")
 
 
 @dataclass

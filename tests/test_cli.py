@@ -130,6 +130,12 @@ def test_config_show_lists_every_key_with_its_default():
         (["--recipe", "odinw13/aquarium", "--set", "tuning.few_shot_copies=3"], "expected {shots: copies}"),
         (["--mode", "half"], "--mode 'half'"),
         (["--set", "foo.bar=1"], "give --recipe NAME"),
+        (["--set", "model.postprocess.nms_thresh=2"], "postprocess.nms_thresh must be in [0, 1], got 2.0"),
+        (["--set", "model.postprocess.pre_nms_thresh=.nan"], "postprocess.pre_nms_thresh must be in [0, 1], got nan"),
+        (["--set", "model.postprocess.detections_per_img=0"], "there is no unlimited value"),
+        (["--set", "model.input.min_size=0"], "need 1 <= min_size <= max_size"),
+        (["--set", "train.max_steps=-1"], "train.max_steps must be >= 0 (0: all epochs), got -1"),
+        (["--set", "train.max_size=100"], "train.max_size must be >= every train.min_sizes"),
     ],
 )
 def test_set_errors_show_the_expected_syntax(args, message):

@@ -32,6 +32,15 @@ class LoraSettings:
     targets: tuple[str, ...] = ("fusion", "head_bert")
 
 
+ZERO_MEANS = {
+    "max_steps": "all epochs",
+    "checkpoint_every_steps": "after each epoch only",
+    "warmup_iters": "no warmup",
+    "workers": "load in the training process",
+}
+"""What 0 means for the step-count settings that accept it (the range errors say so)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything the trainer needs besides the model and the data. Batch sizes are global (over
@@ -98,6 +107,11 @@ class TrainConfig:
             problems.append(f"train.copies must be >= 1, got {self.copies}")
         if self.lora.rank < 1:
             problems.append(f"train.lora.rank must be >= 1, got {self.lora.rank}")
+        if self.max_size < max(self.min_sizes or [1]):
+            problems.append(f"train.max_size must be >= every train.min_sizes, got {self.max_size}")
+        for name in ("max_steps", "checkpoint_every_steps", "warmup_iters", "workers"):
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name} must be >= 0 (0: {ZERO_MEANS[name]}), got {getattr(self, name)}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             problems.append(f"train.dropout must be in [0, 1), got {self.dropout}")
         if problems:

@@ -89,7 +89,9 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
             warnings.simplefilter("ignore", UserWarning)
             return image.convert("RGB")
     except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: cannot convert image mode {mode!r} to RGB ({exc}); re-export it as RGB PNG/JPEG") from None
+        raise DataError(
+            f"{path}: cannot convert image mode {mode!r} to RGB ({exc}); re-export it as RGB PNG/JPEG"
+        ) from None
 
 
 def exif_orientation(image: Image.Image) -> int:
@@ -124,7 +126,9 @@ def load_image(
             stored = opened.size
             if exif == "auto" and expected_size is not None:
                 swapped = (stored[1], stored[0])
-                transpose = orientation in _SWAPPING_ORIENTATIONS and tuple(expected_size) == swapped and swapped != stored
+                transpose = (
+                    orientation in _SWAPPING_ORIENTATIONS and tuple(expected_size) == swapped and swapped != stored
+                )
             else:
                 transpose = exif == "apply" or exif == "auto"
             image = opened
@@ -132,7 +136,9 @@ def load_image(
                 try:
                     image = ImageOps.exif_transpose(opened)
                 except Exception as exc:  # noqa: BLE001 - broken EXIF: keep the stored orientation
-                    warnings.warn(f"{path}: cannot apply the EXIF orientation ({exc}); using the stored orientation", stacklevel=2)
+                    warnings.warn(
+                        f"{path}: cannot apply the EXIF orientation ({exc}); using the stored orientation", stacklevel=2
+                    )
             return _to_rgb(image, path)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image PIL can read; remove it or convert it to PNG/JPEG") from None
@@ -336,9 +342,13 @@ def load_coco(
     if malformed:
         raise _problem(path, malformed, "a malformed bbox", "a bbox is [x, y, width, height], four finite numbers")
     if unknown_image:
-        raise _problem(path, unknown_image, "an image_id not in 'images'", "add the image entry or remove the annotation")
+        raise _problem(
+            path, unknown_image, "an image_id not in 'images'", "add the image entry or remove the annotation"
+        )
     if unknown_category:
-        raise _problem(path, unknown_category, "a category_id not in 'categories'", "add the category or fix the annotation")
+        raise _problem(
+            path, unknown_category, "a category_id not in 'categories'", "add the category or fix the annotation"
+        )
     if bad_crowd:
         raise _problem(path, bad_crowd, "an iscrowd that is not 0 or 1", "set iscrowd to 0 or 1")
     if nonpositive and invalid_boxes == "error":
@@ -349,9 +359,14 @@ def load_coco(
             "give it a positive size or remove the annotation (glip zeroshot and glip finetune refuse such boxes)",
         )
     if nonpositive:
-        warnings.warn(f"{path}: dropped {len(nonpositive)} annotation(s) whose bbox has width or height <= 0", stacklevel=2)
+        warnings.warn(
+            f"{path}: dropped {len(nonpositive)} annotation(s) whose bbox has width or height <= 0", stacklevel=2
+        )
     outside = [
-        (a["id"], f"bbox {list(a['bbox'])} in a {images[a['image_id']]['width']}x{images[a['image_id']]['height']} image")
+        (
+            a["id"],
+            f"bbox {list(a['bbox'])} in a {images[a['image_id']]['width']}x{images[a['image_id']]['height']} image",
+        )
         for a in kept
         if _wholly_outside(a["bbox"], images[a["image_id"]])
     ]
@@ -524,7 +539,9 @@ class ImageFiles(Dataset):
         tensor, resized = test_transform(pil, self.cfg)
         return tensor, {"index": index, "file": file, "loaded_size": (pil.height, pil.width), "resized_size": resized}
 
-    def collate(self, batch: list[tuple[torch.Tensor | None, dict]]) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[dict]]:
+    def collate(
+        self, batch: list[tuple[torch.Tensor | None, dict]]
+    ) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[dict]]:
         """``(images [b, 3, H, W] zero-padded or None, image_sizes [(h, w)], infos)``: ``infos`` of
         every item, ``images`` / ``image_sizes`` of those without an ``"error"``, in that order."""
         good = [image for image, _ in batch if image is not None]
@@ -730,4 +747,6 @@ def make_loader(
     if shuffle and seed is not None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, **common)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, **common
+    )

@@ -462,9 +462,7 @@ def write_results(
         per_category = metrics.get("per_category", [])
     paths = {name: out / name for name in ("bbox.json", "metrics.json", "per_category.csv", "report.md")}
     write_text(paths["bbox.json"], json.dumps(list(results), default=_json_default))
-    write_text(
-        paths["metrics.json"], json.dumps(scalar_metrics(metrics), indent=2, default=_json_default) + "\n"
-    )
+    write_text(paths["metrics.json"], json.dumps(scalar_metrics(metrics), indent=2, default=_json_default) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["category_id", "name", "AP", "AP50", "gt_instances"])

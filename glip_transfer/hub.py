@@ -60,14 +60,29 @@ class WeightsSpec:
 
 
 WEIGHTS: tuple[WeightsSpec, ...] = (
-    WeightsSpec("glip-t", "glip_tiny_model_o365_goldg.pth", "glip-t", 3_710_104_213, "GLIP-T (C): Swin-T, Objects365 + GoldG"),
+    WeightsSpec(
+        "glip-t", "glip_tiny_model_o365_goldg.pth", "glip-t", 3_710_104_213, "GLIP-T (C): Swin-T, Objects365 + GoldG"
+    ),
     WeightsSpec("glip-t-o365", "glip_tiny_model_o365.pth", "glip-t", 3_710_104_213, "GLIP-T (B): Swin-T, Objects365"),
-    WeightsSpec("glip-t-cc", "glip_tiny_model_o365_goldg_cc_sbu.pth", "glip-t", 3_710_104_213,
-                "GLIP-T: Swin-T, Objects365 + GoldG + CC3M + SBU"),  # fmt: skip
+    WeightsSpec(
+        "glip-t-cc",
+        "glip_tiny_model_o365_goldg_cc_sbu.pth",
+        "glip-t",
+        3_710_104_213,
+        "GLIP-T: Swin-T, Objects365 + GoldG + CC3M + SBU",
+    ),
     WeightsSpec("glip-t-a", "glip_a_tiny_o365.pth", "glip-t-a", None, "GLIP-T (A): Swin-T, Objects365, no deep fusion"),
-    WeightsSpec("glip-l", "glip_large_model.pth", "glip-l", 6_896_153_761, "GLIP-L: Swin-L, FourODs + GoldG + CC3M+12M + SBU"),
-    WeightsSpec("glip-nano", "glip-nano.safetensors", "glip-nano", None, "glip-nano: small, shipped in the package (offline)",
-                repo=None),  # fmt: skip
+    WeightsSpec(
+        "glip-l", "glip_large_model.pth", "glip-l", 6_896_153_761, "GLIP-L: Swin-L, FourODs + GoldG + CC3M+12M + SBU"
+    ),
+    WeightsSpec(
+        "glip-nano",
+        "glip-nano.safetensors",
+        "glip-nano",
+        None,
+        "glip-nano: small, shipped in the package (offline)",
+        repo=None,
+    ),
 )
 
 
@@ -131,7 +146,9 @@ def cached_blob_sha256(path: str | os.PathLike) -> str | None:
 
 
 def _looks_like_path(text: str) -> bool:
-    return os.sep in text or "/" in text or Path(text).suffix.lower() in {".pth", ".pt", ".bin", ".safetensors", ".ckpt"}
+    return (
+        os.sep in text or "/" in text or Path(text).suffix.lower() in {".pth", ".pt", ".bin", ".safetensors", ".ckpt"}
+    )
 
 
 def check_weights_name(weights: str | os.PathLike | None) -> WeightsSpec | None:
@@ -167,7 +184,9 @@ def resolve_weights(weights: str | os.PathLike | None, model_only: bool = True) 
     if spec.packaged:
         path = PACKAGED_DIR / spec.file
         if not path.is_file():
-            raise CheckpointError(f"{spec.name}: not in this installation ({path} is missing); it ships with the package, there is no download")
+            raise CheckpointError(
+                f"{spec.name}: not in this installation ({path} is missing); it ships with the package, there is no download"
+            )
         return path
     assert spec.repo is not None
     if model_only:
@@ -219,7 +238,9 @@ def download_file(repo: str, filename: str, *, local_dir: str | os.PathLike | No
     folder = Path(local_dir) if local_dir is not None else hub_cache_dir()
     alternative = f"download {url} yourself and {manual}"
     if constants.HF_HUB_OFFLINE:
-        raise HubError(f"{filename} is not in {folder} and HF_HUB_OFFLINE is set: unset it to download, or {alternative}")
+        raise HubError(
+            f"{filename} is not in {folder} and HF_HUB_OFFLINE is set: unset it to download, or {alternative}"
+        )
     try:
         meta = get_hf_file_metadata(url)
     except Exception as e:  # noqa: BLE001 - huggingface_hub / httpx raise many types; each becomes one line
@@ -245,13 +266,17 @@ def _download_error(e: Exception, filename: str, url: str, folder: Path, alterna
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
         where = Path(e.filename).parent if e.filename else folder
         return f"cannot write {filename} to {where} ({e.strerror}): free space there or set HF_HOME to a writable folder, or {alternative}"
-    if isinstance(e, getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)) and not isinstance(e, errors.LocalEntryNotFoundError):
+    if isinstance(e, getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)) and not isinstance(
+        e, errors.LocalEntryNotFoundError
+    ):
         return f"{url}: no such file on the hub (HTTP 404)"
     if isinstance(e, errors.RepositoryNotFoundError):
         return f"{url}: repository not found (HTTP {getattr(getattr(e, 'response', None), 'status_code', '?')}); check HF_ENDPOINT"
     if "Consistency check failed" in first:
         return f"download of {filename} refused: its size does not match the server's; the partial file was removed — run again ({url})"
-    unreachable = isinstance(e, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError, errors.FileMetadataError))
+    unreachable = isinstance(
+        e, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError, errors.FileMetadataError)
+    )
     if unreachable or type(e).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}:
         return f"cannot download {filename}: the hub is unreachable ({type(e).__name__}); check the network or HF_ENDPOINT, or {alternative}"
     return f"download of {filename} failed ({type(e).__name__}: {first}); run again, or {alternative}"
@@ -330,7 +355,9 @@ class RichDownloadBar:
     def __init__(self, *args, total: int | None = None, initial: int = 0, desc: str | None = None, **kwargs):
         self._progress = bytes_progress()
         self._progress.start()
-        self._task = self._progress.add_task(self.label or f"download {desc or ''}".strip(), total=total, completed=initial)
+        self._task = self._progress.add_task(
+            self.label or f"download {desc or ''}".strip(), total=total, completed=initial
+        )
 
     def update(self, n: int = 1) -> None:
         self._progress.advance(self._task, n)

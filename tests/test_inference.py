@@ -12,7 +12,18 @@ from glip_transfer.model.glip import build_glip
 from glip_transfer.model.postprocess import merge_chunk_detections
 from glip_transfer.prompts import build_detection_prompt
 
-NAMES = ["red square", "blue circle", "cat", "dog", "traffic light", "teddy bear", "zebra", "kite", "toothbrush", "oven"]
+NAMES = [
+    "red square",
+    "blue circle",
+    "cat",
+    "dog",
+    "traffic light",
+    "teddy bear",
+    "zebra",
+    "kite",
+    "toothbrush",
+    "oven",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +94,15 @@ def mixed_size_dataset(root):
         Image.fromarray(pixels).save(root / "images" / f"{i}.png")
         images.append({"id": 50 + i, "file_name": f"{i}.png", "width": w, "height": h})
     anns = [{"id": 1, "image_id": 50, "category_id": 3, "bbox": [32, 24, 32, 24]}]
-    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 3, "name": "red square"}, {"id": 4, "name": "blue circle"}]}))
+    (root / "ann.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": 3, "name": "red square"}, {"id": 4, "name": "blue circle"}],
+            }
+        )
+    )
     return root / "ann.json", root / "images"
 
 
@@ -99,14 +118,21 @@ def assert_same_results(a, b, score_tol=1e-4, box_tol=1e-2):
     detections (paired by category and box; near-equal scores may swap places)."""
     from glip_transfer.model.postprocess import Detections, match_detections
 
-    assert [r["image_id"] for r in a] == [r["image_id"] for r in b] or sorted(r["image_id"] for r in a) == sorted(r["image_id"] for r in b)
+    assert [r["image_id"] for r in a] == [r["image_id"] for r in b] or sorted(r["image_id"] for r in a) == sorted(
+        r["image_id"] for r in b
+    )
     assert list(dict.fromkeys(r["image_id"] for r in a)) == list(dict.fromkeys(r["image_id"] for r in b))
     ga, gb = by_image(a), by_image(b)
     assert ga.keys() == gb.keys()
 
     def dets(rs):
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in rs)]).reshape(-1, 4)
-        return Detections(boxes, torch.tensor([r["score"] for r in rs]), torch.tensor([r["category_id"] for r in rs]), torch.zeros(len(rs)))
+        return Detections(
+            boxes,
+            torch.tensor([r["score"] for r in rs]),
+            torch.tensor([r["category_id"] for r in rs]),
+            torch.zeros(len(rs)),
+        )
 
     for image_id in ga:
         m = match_detections(dets(ga[image_id]), dets(gb[image_id]), iou_threshold=0.999, score_tol=score_tol)

@@ -235,7 +235,9 @@ def test_results_independent_of_batch_size_on_mixed_sizes(weights, vocab_dir, tm
     results = {}
     for batch_size in (1, 4):
         out = tmp_path / f"b{batch_size}"
-        result = zeroshot(weights, vocab_dir, "--ann", ann, "--images", images, "--out", out, "--batch-size", batch_size)
+        result = zeroshot(
+            weights, vocab_dir, "--ann", ann, "--images", images, "--out", out, "--batch-size", batch_size
+        )
         assert result.exit_code == 0, result.output
         results[batch_size] = json.loads((out / "bbox.json").read_text())
         assert list(dict.fromkeys(r["image_id"] for r in results[batch_size])) == order
@@ -429,7 +431,10 @@ def test_a_full_disk_is_one_line_and_keeps_the_partial_results(weights, dataset,
     args += ["--tokenizer", vocab_dir, "--device", "cpu", "--set", "evaluation.min_size=96"]
     args += ["--set", "evaluation.max_size=128", "--workers", "0"]
     done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env={**os.environ, "GLIP_PROGRESS": "0"}
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "GLIP_PROGRESS": "0"},
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
@@ -507,7 +512,9 @@ def test_min_size_and_max_size_options(weights, dataset, vocab_dir, tmp_path):
         (["--weights", "glip-xl"], "glip-xl"),
     ],
 )
-def test_bad_settings_fail_in_one_line_before_loading(weights, dataset, vocab_dir, tmp_path, monkeypatch, args, message):
+def test_bad_settings_fail_in_one_line_before_loading(
+    weights, dataset, vocab_dir, tmp_path, monkeypatch, args, message
+):
     import glip_transfer.commands.zeroshot as command
 
     monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))

@@ -295,7 +295,8 @@ def load_coco(
     missing = [key for key in required if key not in raw]
     if missing:
         raise DataError(
-            f"{path}: missing top-level key(s) {', '.join(repr(k) for k in missing)}; a COCO file needs {', '.join(required)}"
+            f"{path}: missing top-level key(s) {', '.join(repr(k) for k in missing)}; "
+            f"a COCO file needs {', '.join(required)}"
         )
     raw.setdefault("annotations", [])
     for key in ("images", "annotations", "categories"):
@@ -310,12 +311,14 @@ def load_coco(
     for i, img in enumerate(raw["images"]):
         if not isinstance(img["file_name"], str) or not img["file_name"]:
             raise DataError(
-                f"{path}: images[{i}] (id {img['id']!r}) has file_name {img['file_name']!r}; it must be a non-empty path string"
+                f"{path}: images[{i}] (id {img['id']!r}) has file_name {img['file_name']!r}; "
+                "it must be a non-empty path string"
             )
         for key in ("width", "height"):
             if not _is_number(img[key]) or img[key] <= 0:
                 raise DataError(
-                    f"{path}: images[{i}] (id {img['id']!r}) has {key} {img[key]!r}; it must be a positive number of pixels"
+                    f"{path}: images[{i}] (id {img['id']!r}) has {key} {img[key]!r}; "
+                    "it must be a positive number of pixels"
                 )
     images = _index_unique(path, "images", raw["images"])
     categories = _index_unique(path, "categories", raw["categories"])

@@ -97,7 +97,10 @@ def weights_spec(name: str) -> WeightsSpec | None:
 
 
 def unknown_name_message(name: str) -> str:
-    return f"{name}: not a weights name nor a file; names: {', '.join(weights_names())} (glip weights list), or pass a path"
+    return (
+        f"{name}: not a weights name nor a file; names: {', '.join(weights_names())} (glip weights list), "
+        "or pass a path"
+    )
 
 
 def file_url(repo: str, filename: str) -> str:
@@ -185,7 +188,8 @@ def resolve_weights(weights: str | os.PathLike | None, model_only: bool = True) 
         path = PACKAGED_DIR / spec.file
         if not path.is_file():
             raise CheckpointError(
-                f"{spec.name}: not in this installation ({path} is missing); it ships with the package, there is no download"
+                f"{spec.name}: not in this installation ({path} is missing); "
+                "it ships with the package, there is no download"
             )
         return path
     assert spec.repo is not None
@@ -265,20 +269,32 @@ def _download_error(e: Exception, filename: str, url: str, folder: Path, alterna
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
         where = Path(e.filename).parent if e.filename else folder
-        return f"cannot write {filename} to {where} ({e.strerror}): free space there or set HF_HOME to a writable folder, or {alternative}"
+        return (
+            f"cannot write {filename} to {where} ({e.strerror}): "
+            f"free space there or set HF_HOME to a writable folder, or {alternative}"
+        )
     if isinstance(e, getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)) and not isinstance(
         e, errors.LocalEntryNotFoundError
     ):
         return f"{url}: no such file on the hub (HTTP 404)"
     if isinstance(e, errors.RepositoryNotFoundError):
-        return f"{url}: repository not found (HTTP {getattr(getattr(e, 'response', None), 'status_code', '?')}); check HF_ENDPOINT"
+        return (
+            f"{url}: repository not found (HTTP {getattr(getattr(e, 'response', None), 'status_code', '?')}); "
+            "check HF_ENDPOINT"
+        )
     if "Consistency check failed" in first:
-        return f"download of {filename} refused: its size does not match the server's; the partial file was removed — run again ({url})"
+        return (
+            f"download of {filename} refused: its size does not match the server's; "
+            f"the partial file was removed — run again ({url})"
+        )
     unreachable = isinstance(
         e, (ConnectionError, TimeoutError, errors.LocalEntryNotFoundError, errors.FileMetadataError)
     )
     if unreachable or type(e).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "requests", "urllib3"}:
-        return f"cannot download {filename}: the hub is unreachable ({type(e).__name__}); check the network or HF_ENDPOINT, or {alternative}"
+        return (
+            f"cannot download {filename}: the hub is unreachable ({type(e).__name__}); "
+            f"check the network or HF_ENDPOINT, or {alternative}"
+        )
     return f"download of {filename} failed ({type(e).__name__}: {first}); run again, or {alternative}"
 
 
@@ -293,8 +309,10 @@ def _check_free_space(folder: Path, needed: int | None, filename: str, alternati
     except OSError:
         return
     if free < needed:
-        raise HubError(f"not enough space for {filename} in {folder}: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free; "
-                       f"free space or set HF_HOME elsewhere, or {alternative}")  # fmt: skip
+        raise HubError(
+            f"not enough space for {filename} in {folder}: {needed / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free; "
+            f"free space or set HF_HOME elsewhere, or {alternative}"
+        )
 
 
 def _verify_sha256(path: Path, expected: str, filename: str, url: str) -> None:
@@ -307,8 +325,10 @@ def _verify_sha256(path: Path, expected: str, filename: str, url: str) -> None:
                 os.unlink(p)
             except OSError:
                 pass
-        raise HubError(f"download of {filename} refused: its sha256 {actual[:12]}... is not the server's {expected[:12]}...; "
-                       f"the file was removed — run again ({url})")  # fmt: skip
+        raise HubError(
+            f"download of {filename} refused: its sha256 {actual[:12]}... is not the server's {expected[:12]}...; "
+            f"the file was removed — run again ({url})"
+        )
 
 
 def _sha256_with_progress(path: Path, what: str) -> str:
@@ -333,9 +353,15 @@ def bytes_progress():
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-        console=Console(stderr=True), transient=False, disable=not _progress_enabled(),
-    )  # fmt: skip
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+        disable=not _progress_enabled(),
+    )
 
 
 def _note(message: str) -> None:

@@ -182,8 +182,8 @@ def odinw_zip(recipe, name: str, *, images: int = 1, extra: dict[str, bytes] | N
     members: dict[str, bytes] = {}
     for files in recipe.splits.values():
         imgs = [{"id": i + 1, "file_name": f"img{i}.jpg", "width": 64, "height": 48} for i in range(images)]
-        anns = [{"id": i + 1, "image_id": i + 1, "category_id": cats[0]["id"], "bbox": [8, 8, 20, 16], "area": 320, "iscrowd": 0}
-                for i in range(images)]  # fmt: skip
+        anns = [{"id": i + 1, "image_id": i + 1, "category_id": cats[0]["id"], "bbox": [8, 8, 20, 16],
+                 "area": 320, "iscrowd": 0} for i in range(images)]  # fmt: skip
         members[rel(files.ann_file)] = json.dumps({"images": imgs, "annotations": anns, "categories": cats}).encode()
         for im in imgs:
             members[rel(files.img_dir).rstrip("/") + "/" + im["file_name"]] = image.getvalue()

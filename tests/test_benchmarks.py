@@ -23,8 +23,9 @@ def test_gpu_eval_smoke(tmp_path, vocab_dir):
     with torch.no_grad():
         model.rpn.head.bias0.fill_(2.0)
     save_model(model, tmp_path / "tiny.safetensors")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_eval.py"), "--smoke", "--device", "cpu", "--tokenizer", str(vocab_dir),
-           "--weights", str(tmp_path / "tiny.safetensors"), "--out", str(tmp_path / "out")]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_eval.py"), "--smoke", "--device", "cpu",
+           "--tokenizer", str(vocab_dir), "--weights", str(tmp_path / "tiny.safetensors"),
+           "--out", str(tmp_path / "out")]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((tmp_path / "out" / "gpu_eval_smoke.json").read_text())

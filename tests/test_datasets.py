@@ -183,8 +183,9 @@ def test_download_extract_skip_and_evaluate(rabbits_zip, tmp_path, vocab_dir):
     torch.manual_seed(0)
     weights = tmp_path / "tiny.safetensors"
     save_model(build_glip(variant_config("test-tiny")), weights)
-    ev = runner.invoke(app, ["zeroshot", "eval", "--recipe", RABBITS, "--data-root", str(root), "--weights", str(weights),
-                             "--tokenizer", str(vocab_dir), "--device", "cpu", "--set", "evaluation.min_size=64",
+    ev = runner.invoke(app, ["zeroshot", "eval", "--recipe", RABBITS, "--data-root", str(root),
+                             "--weights", str(weights), "--tokenizer", str(vocab_dir), "--device", "cpu",
+                             "--set", "evaluation.min_size=64",
                              "--set", "evaluation.max_size=96", "--out", str(tmp_path / "run")])  # fmt: skip
     assert ev.exit_code == 0, ev.output
     assert (tmp_path / "run" / "metrics.json").exists()
@@ -221,8 +222,8 @@ def test_refused_archives_through_the_command(rabbits_zip, monkeypatch, tmp_path
 
 def test_missing_recipe_files_name_the_download_command(tmp_path, vocab_dir):
     weights = tmp_path / "w.safetensors"
-    result = runner.invoke(app, ["zeroshot", "eval", "--recipe", "odinw35/aquarium", "--data-root", str(tmp_path / "empty"),
-                                 "--weights", str(weights)])  # fmt: skip
+    result = runner.invoke(app, ["zeroshot", "eval", "--recipe", "odinw35/aquarium",
+                                 "--data-root", str(tmp_path / "empty"), "--weights", str(weights)])  # fmt: skip
     line = " ".join(result.output.split())
     assert result.exit_code == 2
     assert f"fetch it with: glip data download odinw35/aquarium --data-root {tmp_path / 'empty'}" in line

@@ -407,7 +407,8 @@ def test_size_and_step_options_make_a_short_run(data, vocab_dir, tmp_path):
     ann, images = data
     out = tmp_path / "run"
     result = invoke("finetune", "--ann", ann, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu",
-                    "--variant", "test-tiny", "--min-size", "80", "--max-size", "144", "--max-steps", "1", "--out", out)  # fmt: skip
+                    "--variant", "test-tiny", "--min-size", "80", "--max-size", "144", "--max-steps", "1",
+                    "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["train"]["min_sizes"], cfg["train"]["max_size"], cfg["train"]["max_steps"]) == ([80], 144, 1)

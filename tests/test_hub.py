@@ -101,8 +101,9 @@ def image(tmp_path_factory) -> Path:
 
 
 def predict_args(weights, image, vocab_dir, out_json) -> list:
-    return ["predict", image, "--weights", weights, "--variant", "test-tiny", "--classes", "cat,dog", "--threshold", "0",
-            "--tokenizer", vocab_dir, "--device", "cpu", "--min-size", "128", "--max-size", "200", "--json", out_json]  # fmt: skip
+    return ["predict", image, "--weights", weights, "--variant", "test-tiny", "--classes", "cat,dog",
+            "--threshold", "0", "--tokenizer", vocab_dir, "--device", "cpu", "--min-size", "128",
+            "--max-size", "200", "--json", out_json]  # fmt: skip
 
 
 def blobs(hf_home: Path) -> list[Path]:

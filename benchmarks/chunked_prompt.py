@@ -41,7 +41,8 @@ from glip_transfer.reference import apply_deterministic_weights
 from glip_transfer.tokenizer import load_tokenizer
 
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
-# word pieces per LVIS v1 category name as captions write it (prompts.clean_name, bert-base-uncased): count of names with 1..5
+# word pieces per LVIS v1 category name as captions write it (prompts.clean_name, bert-base-uncased):
+# count of names with 1..5
 LVIS_PIECES = {1: 448, 2: 547, 3: 175, 4: 29, 5: 4}
 
 
@@ -183,8 +184,9 @@ def main() -> None:
             start = time.process_time()
             dets[name] = run()[0]
             seconds = time.process_time() - start
-            row = {"protocol": protocol, "path": name, "chunks": len(prompt.chunks), "mean_tokens": round(sum(tokens) / len(tokens), 1),
-                   "cpu_s_per_image": round(seconds, 2), "detections": len(dets[name])}  # fmt: skip
+            row = {"protocol": protocol, "path": name, "chunks": len(prompt.chunks),
+                   "mean_tokens": round(sum(tokens) / len(tokens), 1), "cpu_s_per_image": round(seconds, 2),
+                   "detections": len(dets[name])}  # fmt: skip
             if name != "before":
                 m = match_detections(dets["before"], dets[name])
                 same = torch.equal(dets["before"].scores, dets[name].scores) and torch.equal(
@@ -214,10 +216,12 @@ def main() -> None:
         "rows": rows,
     }
     (out / "chunked_prompt.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Chunked prompt: {source}", "", f"Machine: {machine}; GLIP-T (deterministic weights), astronaut at {args.size}; "
+    lines = [f"# Chunked prompt: {source}", "",
+             f"Machine: {machine}; GLIP-T (deterministic weights), astronaut at {args.size}; "
              f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end. CPU seconds per image "
              "(BERT features cached, not timed).", "",
-             "| protocol | path | chunks | mean tokens | CPU s / image | identical to before | matched |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| protocol | path | chunks | mean tokens | CPU s / image | identical to before | matched |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['protocol']} | {r['path']} | {r['chunks']} | {r['mean_tokens']} | {r['cpu_s_per_image']} | "
               f"{r.get('identical_to_before', '')} | {r.get('matched', '')} |" for r in rows]  # fmt: skip
     (out / "chunked_prompt.md").write_text("\n".join(lines) + "\n")

@@ -186,8 +186,13 @@ class ComponentTimer:
                     self.hooks.append(
                         module.register_forward_pre_hook(lambda m, a, s=start: s.__setitem__(0, time.process_time()))
                     )
-                    self.hooks.append(module.register_forward_hook(
-                        lambda m, a, o, s=start, n=name: self.seconds.__setitem__(n, self.seconds[n] + time.process_time() - s[0])))  # fmt: skip
+                    self.hooks.append(
+                        module.register_forward_hook(
+                            lambda m, a, o, s=start, n=name: self.seconds.__setitem__(
+                                n, self.seconds[n] + time.process_time() - s[0]
+                            )
+                        )
+                    )
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(self.seconds, 0.0)
@@ -222,8 +227,9 @@ def gemm_rates(run) -> list[dict]:
     for e in prof.key_averages():
         if e.flops and e.self_cpu_time_total > 0:
             seconds = e.self_cpu_time_total / 1e6
-            rows.append({"op": e.key, "calls": e.count, "gflop": round(e.flops / 1e9, 2), "seconds": round(seconds, 3),
-                         "share": round(seconds / total, 3), "gflop_per_s": round(e.flops / 1e9 / seconds, 1)})  # fmt: skip
+            rows.append({"op": e.key, "calls": e.count, "gflop": round(e.flops / 1e9, 2),
+                         "seconds": round(seconds, 3), "share": round(seconds / total, 3),
+                         "gflop_per_s": round(e.flops / 1e9 / seconds, 1)})  # fmt: skip
     return sorted(rows, key=lambda r: -r["seconds"])
 
 
@@ -358,9 +364,10 @@ def main() -> None:
         f"{platform.machine()} {platform.processor() or ''}".strip()
         + f", {args.threads} thread(s), torch {torch.__version__}"
     )
-    result = {"machine": machine, "size": args.size, "threads": args.threads, "repeats": args.repeats, "malloc": args.malloc,
-              "loadavg_start": load_start, "loadavg_end": load_end, "sgemm_peak_gflop_per_s": round(peak, 1),
-              "timing": summary, "detections_before_vs_after": same, "gemms": gemms, "parity_max_errors": parity}  # fmt: skip
+    result = {"machine": machine, "size": args.size, "threads": args.threads, "repeats": args.repeats,
+              "malloc": args.malloc, "loadavg_start": load_start, "loadavg_end": load_end,
+              "sgemm_peak_gflop_per_s": round(peak, 1), "timing": summary, "detections_before_vs_after": same,
+              "gemms": gemms, "parity_max_errors": parity}  # fmt: skip
 
     console = Console()
     table = Table(
@@ -379,8 +386,9 @@ def main() -> None:
         gt.add_column(c, justify="right")
     for p in paths:
         for g in gemms[p][:6]:
-            gt.add_row(p, g["op"], str(g["calls"]), f"{g['gflop']:.1f}", f"{g['seconds']:.3f}", f"{100 * g['share']:.0f}%",
-                       f"{g['gflop_per_s']:.1f}", f"{100 * g['gflop_per_s'] / peak:.0f}%")  # fmt: skip
+            gt.add_row(p, g["op"], str(g["calls"]), f"{g['gflop']:.1f}", f"{g['seconds']:.3f}",
+                       f"{100 * g['share']:.0f}%", f"{g['gflop_per_s']:.1f}",
+                       f"{100 * g['gflop_per_s'] / peak:.0f}%")  # fmt: skip
     console.print(gt)
     if parity:
         pt = Table(title="max abs error against the official run (astronaut, 500x500)")
@@ -398,18 +406,23 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "cpu_hotspots" if args.malloc == "keep" else "cpu_hotspots_malloc_default"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# CPU hot spots: GLIP-T detect at {args.size}, {args.threads} thread(s), malloc {args.malloc}", "", f"Machine: {machine}; "
-             f"sgemm peak {peak:.1f} GFLOP/s; load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end.", "",
+    lines = [f"# CPU hot spots: GLIP-T detect at {args.size}, {args.threads} thread(s), malloc {args.malloc}", "",
+             f"Machine: {machine}; "
+             f"sgemm peak {peak:.1f} GFLOP/s; "
+             f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end.", "",
              f"CPU seconds per image, before/after interleaved in one run, median of {args.repeats}:", "",
-             "| path | median s | min s | " + " | ".join(c.removesuffix("_s").replace("_", " ") + " s" for c in cols[2:]) + " |",
+             "| path | median s | min s | "
+             + " | ".join(c.removesuffix("_s").replace("_", " ") + " s" for c in cols[2:]) + " |",
              "|---" * (len(cols) + 1) + "|"]  # fmt: skip
     for p in paths:
         lines.append(f"| {p} | " + " | ".join(f"{summary[p][c]:.3f}" for c in cols) + " |")
-    lines += ["", f"Detections before vs after: {json.dumps(same)}", "", "| path | op | calls | GFLOP | s | share | GFLOP/s | of peak |",
+    lines += ["", f"Detections before vs after: {json.dumps(same)}", "",
+              "| path | op | calls | GFLOP | s | share | GFLOP/s | of peak |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in paths:
         for g in gemms[p][:6]:
-            lines.append(f"| {p} | {g['op']} | {g['calls']} | {g['gflop']:.1f} | {g['seconds']:.3f} | {100 * g['share']:.0f}% | "
+            lines.append(f"| {p} | {g['op']} | {g['calls']} | {g['gflop']:.1f} | {g['seconds']:.3f} | "
+                         f"{100 * g['share']:.0f}% | "
                          f"{g['gflop_per_s']:.1f} | {100 * g['gflop_per_s'] / peak:.0f}% |")  # fmt: skip
     if parity:
         lines += [

@@ -407,8 +407,7 @@ def main() -> None:
     stem = "cpu_hotspots" if args.malloc == "keep" else "cpu_hotspots_malloc_default"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# CPU hot spots: GLIP-T detect at {args.size}, {args.threads} thread(s), malloc {args.malloc}", "",
-             f"Machine: {machine}; "
-             f"sgemm peak {peak:.1f} GFLOP/s; "
+             f"Machine: {machine}; sgemm peak {peak:.1f} GFLOP/s; "
              f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end.", "",
              f"CPU seconds per image, before/after interleaved in one run, median of {args.repeats}:", "",
              "| path | median s | min s | "
@@ -422,8 +421,8 @@ def main() -> None:
     for p in paths:
         for g in gemms[p][:6]:
             lines.append(f"| {p} | {g['op']} | {g['calls']} | {g['gflop']:.1f} | {g['seconds']:.3f} | "
-                         f"{100 * g['share']:.0f}% | "
-                         f"{g['gflop_per_s']:.1f} | {100 * g['gflop_per_s'] / peak:.0f}% |")  # fmt: skip
+                         f"{100 * g['share']:.0f}% | {g['gflop_per_s']:.1f} | "
+                         f"{100 * g['gflop_per_s'] / peak:.0f}% |")  # fmt: skip
     if parity:
         lines += [
             "",

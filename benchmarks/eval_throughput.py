@@ -115,8 +115,9 @@ def main() -> None:
     for (batch_size, workers), (wall, cpu) in best.items():
         res = results[(batch_size, workers)]
         diff = max((abs(a["score"] - b["score"]) for a, b in zip(reference, res)), default=0.0)
-        rows.append({"batch": batch_size, "workers": workers, "batches": n_batches[batch_size], "wall_s": round(wall, 2),
-                     "main_process_cpu_s": round(cpu, 2), "images_per_s": round(len(dataset) / wall, 3),
+        rows.append({"batch": batch_size, "workers": workers, "batches": n_batches[batch_size],
+                     "wall_s": round(wall, 2), "main_process_cpu_s": round(cpu, 2),
+                     "images_per_s": round(len(dataset) / wall, 3),
                      "same_order_as_first": [r["image_id"] for r in res] == [r["image_id"] for r in reference],
                      "max_score_diff_vs_first": diff})  # fmt: skip
     load_end = os.getloadavg()
@@ -127,21 +128,25 @@ def main() -> None:
     for c in ("batch", "workers", "batches", "wall_s", "images_per_s", "gain", "max_score_diff_vs_first"):
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(str(r["batch"]), str(r["workers"]), str(r["batches"]), f"{r['wall_s']:.2f}", f"{r['images_per_s']:.3f}",
-                      f"{r['images_per_s'] / first:.2f}x", f"{r['max_score_diff_vs_first']:.1e}")  # fmt: skip
+        table.add_row(str(r["batch"]), str(r["workers"]), str(r["batches"]), f"{r['wall_s']:.2f}",
+                      f"{r['images_per_s']:.3f}", f"{r['images_per_s'] / first:.2f}x",
+                      f"{r['max_score_diff_vs_first']:.1e}")  # fmt: skip
     Console().print(table)
     Console().print(f"load average {load_start} -> {load_end}")
     machine = f"{platform.machine()}, {args.threads} threads, torch {torch.__version__}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval_throughput_{args.variant}"
-    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "args": vars(args), "padded_sizes": sorted(set(sizes)),
-                                                  "loadavg_start": load_start, "loadavg_end": load_end, "rows": rows}, indent=2) + "\n")  # fmt: skip
+    (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "args": vars(args),
+                                                  "padded_sizes": sorted(set(sizes)), "loadavg_start": load_start,
+                                                  "loadavg_end": load_end, "rows": rows}, indent=2) + "\n")  # fmt: skip
     lines = [f"# Evaluation throughput, {args.variant}, mixed sizes", "",
-             f"Machine: {machine}; {len(dataset)} images, padded sizes {sorted(set(sizes))} (short side {args.min_size}, "
-             f"long side at most {args.max_size}); load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; "
+             f"Machine: {machine}; {len(dataset)} images, padded sizes {sorted(set(sizes))} "
+             f"(short side {args.min_size}, long side at most {args.max_size}); "
+             f"load average {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; "
              f"best wall time of {args.rounds} rounds.", "",
-             "| batch | workers | batches | wall s | images/s | vs first | max score diff vs first |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| batch | workers | batches | wall s | images/s | vs first | max score diff vs first |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['batch']} | {r['workers']} | {r['batches']} | {r['wall_s']:.2f} | {r['images_per_s']:.3f} | "
               f"{r['images_per_s'] / first:.2f}x | {r['max_score_diff_vs_first']:.1e} |" for r in rows]  # fmt: skip
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")

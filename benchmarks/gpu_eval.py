@@ -44,12 +44,12 @@ from glip_transfer.tokenizer import load_tokenizer
 
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
 COCO_NAMES = (
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,parking meter,bench,"
-    "bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,tie,suitcase,frisbee,skis,"
-    "snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,wine glass,cup,fork,"
-    "knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,"
-    "dining table,toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,book,clock,"
-    "vase,scissors,teddy bear,hair drier,toothbrush"
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,stop sign,parking meter,"
+    "bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,backpack,umbrella,handbag,tie,suitcase,frisbee,"
+    "skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,surfboard,tennis racket,bottle,"
+    "wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,"
+    "chair,couch,potted plant,bed,dining table,toilet,tv,laptop,mouse,remote,keyboard,cell phone,microwave,oven,"
+    "toaster,sink,refrigerator,book,clock,vase,scissors,teddy bear,hair drier,toothbrush"
 ).split(",")
 MATCHES = {"loose": {"iou_threshold": 0.9, "score_tol": 0.02}, "strict": {"iou_threshold": 0.99, "score_tol": 1e-3}}
 
@@ -112,8 +112,9 @@ def timing_rows(model, prompt, device, size, batches, iters, amp_modes) -> list[
             sync(device)
             seconds = time.perf_counter() - start
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-            rows.append({"precision": "amp" if amp else "float32", "batch": batch_size, "input": f"{images.shape[-2]}x{images.shape[-1]}",
-                         "resized": f"{resized[0]}x{resized[1]}", "iters": iters, "seconds": round(seconds, 3),
+            rows.append({"precision": "amp" if amp else "float32", "batch": batch_size,
+                         "input": f"{images.shape[-2]}x{images.shape[-1]}", "resized": f"{resized[0]}x{resized[1]}",
+                         "iters": iters, "seconds": round(seconds, 3),
                          "images_per_s": round(batch_size * iters / seconds, 2),
                          "peak_memory_mb": round(peak) if peak is not None else None})  # fmt: skip
     return rows
@@ -204,8 +205,9 @@ def main() -> None:
     machine = f"{platform.machine()}, torch {torch.__version__}"
     if device.type == "cuda":
         machine += f", {torch.cuda.get_device_name(device)}"
-    result = {"machine": machine, "device": str(device), "variant": args.variant, "size": args.size, "smoke": args.smoke,
-              "prompt": f"COCO-80, {len(prompt.chunks)} chunk(s)", "throughput": rows, "amp_vs_float32": agree,
+    result = {"machine": machine, "device": str(device), "variant": args.variant, "size": args.size,
+              "smoke": args.smoke, "prompt": f"COCO-80, {len(prompt.chunks)} chunk(s)", "throughput": rows,
+              "amp_vs_float32": agree,
               "seconds_total": round(time.perf_counter() - started, 1)}  # fmt: skip
 
     console = Console()
@@ -223,16 +225,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = "gpu_eval_smoke" if args.smoke else "gpu_eval"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# {args.variant} evaluation on {device}", "", f"Machine: {machine}. `python benchmarks/gpu_eval.py"
-             + (" --smoke" if args.smoke else "") + "`", "", "| precision | batch | input | images/s | peak memory MB |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"# {args.variant} evaluation on {device}", "",
+             f"Machine: {machine}. `python benchmarks/gpu_eval.py" + (" --smoke" if args.smoke else "") + "`", "",
+             "| precision | batch | input | images/s | peak memory MB |", "|---|---|---|---|---|"]  # fmt: skip
     lines += [
         f"| {r['precision']} | {r['batch']} | {r['input']} | {r['images_per_s']:.2f} | {r['peak_memory_mb']} |"
         for r in rows
     ]
     if agree:
-        lines += ["", "AMP against float32 (matched detections: loose = same label, IoU > 0.9, score within 0.02; strict = "
-                  "IoU > 0.99, score within 1e-3; confident = score >= 0.3):", "",
-                  "| model | images | float32 dets | matched loose | matched strict | confident | confident matched loose |",
+        lines += ["",
+                  "AMP against float32 (matched detections: loose = same label, IoU > 0.9, score within 0.02; "
+                  "strict = IoU > 0.99, score within 1e-3; confident = score >= 0.3):", "",
+                  "| model | images | float32 dets | matched loose | matched strict | confident "
+                  "| confident matched loose |",
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, a in agree.items():
             lines.append(f"| {name} | {a['images']} | {a['float32_all']} | {a['loose_all']} | {a['strict_all']} | "

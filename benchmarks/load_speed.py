@@ -130,7 +130,8 @@ def build_official_file(path: Path) -> dict:
     optimizer = {
         "state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
                   for i, p in enumerate(params)},
-        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05, "params": list(range(len(params)))}],
+        "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.05,
+                          "params": list(range(len(params)))}],
     }  # fmt: skip
     torch.save({"model": state, "model_ema": ema, "optimizer": optimizer, "scheduler": {"last_epoch": 1},
                 "iteration": 1}, path)  # fmt: skip
@@ -177,8 +178,9 @@ def main() -> None:
     if args.report_from:
         data = json.loads(Path(args.report_from).read_text())
         f = data["file"]
-        report(data["runs"], {"parameters": f["parameters"], "bytes": f["bytes"]}, {"pth": f["pth"], "converted": f["converted"]},
-               data["convert_s"], data["uptime"], Path(args.out))  # fmt: skip
+        report(data["runs"], {"parameters": f["parameters"], "bytes": f["bytes"]},
+               {"pth": f["pth"], "converted": f["converted"]}, data["convert_s"], data["uptime"],
+               Path(args.out))  # fmt: skip
         return
 
     folder = Path(tempfile.mkdtemp(prefix="glip-load-speed-", dir=args.tmp))
@@ -200,8 +202,9 @@ def main() -> None:
                     result = run_worker(method, files[method])
                     result.update(round=r, cache=cache)
                     runs.append(result)
-                    print(f"round {r} {method:9s} {cache}: load {result['load_s']:.2f} s, ready {result['ready_s']:.2f} s, "
-                          f"peak {result['peak_rss_mib']:.0f} MiB", file=sys.stderr)  # fmt: skip
+                    print(f"round {r} {method:9s} {cache}: load {result['load_s']:.2f} s, "
+                          f"ready {result['ready_s']:.2f} s, peak {result['peak_rss_mib']:.0f} MiB",
+                          file=sys.stderr)  # fmt: skip
             loads.append(uptime())
         sizes = {"pth": pth.stat().st_size, "converted": converted.stat().st_size}
     finally:
@@ -218,7 +221,8 @@ def report(runs: list[dict], built: dict, sizes: dict, convert_s: float, loads: 
         for cache in ("cold", "warm"):
             sel = [r for r in runs if r["method"] == method and r["cache"] == cache]
             table[(method, cache)] = {k: statistics.median(r[k] for r in sel)
-                                      for k in ("load_s", "load_cpu_s", "ready_s", "ready_cpu_s", "peak_rss_mib", "peak_hwm_mib", "imports_rss_mib")}  # fmt: skip
+                                      for k in ("load_s", "load_cpu_s", "ready_s", "ready_cpu_s", "peak_rss_mib",
+                                                "peak_hwm_mib", "imports_rss_mib")}  # fmt: skip
     rows = []
     for (method, cache), m in table.items():
         base = table[("old", cache)]
@@ -232,44 +236,50 @@ def report(runs: list[dict], built: dict, sizes: dict, convert_s: float, loads: 
     }
     data = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
             "uptime": loads, "file": {**built, **sizes}, "convert_s": convert_s, "rounds": len(runs) // 6,
-            "same_weights": len(checksums) == 1, "targets": TARGETS, "verdict": verdict, "rows": rows, "runs": runs}  # fmt: skip
-    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
-                                   text=True).stdout.strip()  # fmt: skip
+            "same_weights": len(checksums) == 1, "targets": TARGETS, "verdict": verdict, "rows": rows,
+            "runs": runs}  # fmt: skip
+    torch_version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"],
+                                   capture_output=True, text=True).stdout.strip()  # fmt: skip
     lines = [
         "# Loading GLIP-T: official .pth (old loader / memory-mapped) vs model-only safetensors",
         "",
-        f"File: the official layout (model, model_ema, AdamW state, scheduler, iteration) with the reference's deterministic "
-        f"GLIP-T weights, {sizes['pth']:,} bytes (the released file: 3,710,104,213); its model-only conversion "
-        f"{sizes['converted']:,} bytes, written in {convert_s:.1f} s (once). torch {torch_version}, {os.cpu_count()} CPUs, "
+        f"File: the official layout (model, model_ema, AdamW state, scheduler, iteration) with the reference's "
+        f"deterministic GLIP-T weights, {sizes['pth']:,} bytes (the released file: 3,710,104,213); "
+        f"its model-only conversion {sizes['converted']:,} bytes, written in {convert_s:.1f} s (once). "
+        f"torch {torch_version}, {os.cpu_count()} CPUs, "
         f"median of {data['rounds']} interleaved rounds, each run a fresh process.",
         "",
         "Machine load (`uptime`): "
         + " / ".join(u.split("load average:")[-1].strip() for u in loads)
         + " (before, after each round).",
         "",
-        "| loader | page cache | load (s) | load CPU (s) | ready (s) | ready CPU (s) | x old | peak RSS (MiB) | VmHWM (MiB) | after imports (MiB) |",
+        "| loader | page cache | load (s) | load CPU (s) | ready (s) | ready CPU (s) | x old "
+        "| peak RSS (MiB) | VmHWM (MiB) | after imports (MiB) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     names = {"old": "old: torch.load whole file + random init + copy", "mmap": "new, official .pth (mmap)",
              "converted": "new, model-only .safetensors"}  # fmt: skip
     for row in rows:
-        lines.append(f"| {names[row['method']]} | {row['cache']} | {row['load_s']:.2f} | {row['load_cpu_s']:.2f} | {row['ready_s']:.2f} | {row['ready_cpu_s']:.2f} | "
-                     f"{row['speedup_ready']:.1f} | {row['peak_rss_mib']:.0f} | {row['peak_hwm_mib']:.0f} | {row['imports_rss_mib']:.0f} |")  # fmt: skip
+        lines.append(f"| {names[row['method']]} | {row['cache']} | {row['load_s']:.2f} | {row['load_cpu_s']:.2f} | "
+                     f"{row['ready_s']:.2f} | {row['ready_cpu_s']:.2f} | {row['speedup_ready']:.1f} | "
+                     f"{row['peak_rss_mib']:.0f} | {row['peak_hwm_mib']:.0f} | "
+                     f"{row['imports_rss_mib']:.0f} |")  # fmt: skip
     lines += [
         "",
-        "load: until `load_model` returns; ready: plus one pass over every parameter (memory-mapped pages are read when "
-        "first used, so this is the fair comparison). cold: the file's pages dropped from the page cache first "
-        "(`posix_fadvise`); warm: run again right after. Peak RSS: `ru_maxrss` of the process, after the pass over the "
-        "weights (file pages mapped into the process count; VmHWM from /proc/self/status agrees); after imports: the same before loading (torch, "
-        "torchvision, transformers, the package).",
+        "load: until `load_model` returns; ready: plus one pass over every parameter (memory-mapped pages are read "
+        "when first used, so this is the fair comparison). cold: the file's pages dropped from the page cache first "
+        "(`posix_fadvise`); warm: run again right after. Peak RSS: `ru_maxrss` of the process, after the pass over "
+        "the weights (file pages mapped into the process count; VmHWM from /proc/self/status agrees); "
+        "after imports: the same before loading (torch, torchvision, transformers, the package).",
         "",
         f"All runs give the same weights (parameter checksum): {'yes' if data['same_weights'] else 'NO'}. "
-        f"Loading adds {conv_warm['peak_rss_mib'] - conv_warm['imports_rss_mib']:.0f} MiB to the process with the converted file "
-        f"(GLIP-T's float32 weights are {sizes['converted'] / 2**20:.0f} MiB), "
+        f"Loading adds {conv_warm['peak_rss_mib'] - conv_warm['imports_rss_mib']:.0f} MiB to the process "
+        f"with the converted file (GLIP-T's float32 weights are {sizes['converted'] / 2**20:.0f} MiB), "
         f"{old_warm['peak_rss_mib'] - old_warm['imports_rss_mib']:.0f} MiB with the old loader.",
         "",
-        f"Target: converted ≥ {TARGETS['speedup']:.0f}x faster than the old loader — cold {verdict['speedup_cold']:.1f}x, "
-        f"warm {verdict['speedup_warm']:.1f}x ({'met' if min(verdict['speedup_cold'], verdict['speedup_warm']) >= TARGETS['speedup'] else 'NOT met'}); "
+        f"Target: converted ≥ {TARGETS['speedup']:.0f}x faster than the old loader — "
+        f"cold {verdict['speedup_cold']:.1f}x, warm {verdict['speedup_warm']:.1f}x "
+        f"({'met' if min(verdict['speedup_cold'], verdict['speedup_warm']) >= TARGETS['speedup'] else 'NOT met'}); "
         f"peak RSS ≤ 1.5 GB ({TARGETS['rss_mib']:.0f} MiB) — {verdict['converted_peak_rss_mib']:.0f} MiB "
         f"({'met' if verdict['converted_peak_rss_mib'] <= TARGETS['rss_mib'] else 'NOT met'}).",
     ]
@@ -277,11 +287,12 @@ def report(runs: list[dict], built: dict, sizes: dict, convert_s: float, loads: 
         imports = conv_warm["imports_rss_mib"]
         lines += [
             "",
-            f"Why the memory target is out of reach as a whole-process figure: the imports alone (torch {torch_version}, "
-            f"torchvision, transformers) hold {imports:.0f} MiB before anything is loaded, and running GLIP-T needs its "
-            f"{sizes['converted'] / 2**20:.0f} MiB of float32 weights resident; the loader adds nothing beyond them (no second "
-            "copy, no random initialisation, none of the file's EMA and optimizer state), which is the floor for float32 "
-            "weights. Under 1.5 GB would take smaller imports or weights kept in 16 bits (which would change the outputs).",
+            f"Why the memory target is out of reach as a whole-process figure: the imports alone "
+            f"(torch {torch_version}, torchvision, transformers) hold {imports:.0f} MiB before anything is loaded, "
+            f"and running GLIP-T needs its {sizes['converted'] / 2**20:.0f} MiB of float32 weights resident; "
+            "the loader adds nothing beyond them (no second copy, no random initialisation, none of the file's EMA "
+            "and optimizer state), which is the floor for float32 weights. Under 1.5 GB would take smaller imports "
+            "or weights kept in 16 bits (which would change the outputs).",
         ]
     out.mkdir(parents=True, exist_ok=True)
     (out / "load_speed.json").write_text(json.dumps(data, indent=2) + "\n")

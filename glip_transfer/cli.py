@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from .commands.data import app as data_app
 from .commands.inspect import inspect_command
 from .commands.predict import predict_command
 from .commands.recipes import app as recipes_app
@@ -24,6 +25,7 @@ app.command("finetune")(finetune_command)
 app.command("pretrain")(pretrain_command)
 app.add_typer(recipes_app, name="recipes", help="List and show the dataset recipes.")
 app.command("inspect")(inspect_command)
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:  # pragma: no cover - the console script

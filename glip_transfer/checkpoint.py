@@ -81,10 +81,18 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({reason}); it may be truncated") from None
 
 
+NANO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "glip-nano.safetensors"
+
+
+def resolve_weights(weights: str | Path) -> Path:
+    """The file of ``--weights``: a path, or ``glip-nano`` (the weights shipped in the package)."""
+    return NANO_WEIGHTS if str(weights) == "glip-nano" else Path(weights)
+
+
 def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The model weights of a checkpoint file with official key names (``module.`` stripped,
     ignorable keys dropped), and its metadata (our safetensors' config, or {})."""
-    path = Path(path)
+    path = resolve_weights(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found (pass --weights PATH to an official GLIP .pth or a .safetensors)")
     meta: dict = {}
@@ -194,10 +202,13 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
 
 
 def save_model(model: nn.Module, path: str | Path, metadata: dict | None = None, state: dict | None = None) -> None:
-    """Save weights as safetensors (atomically) with the model config in the metadata."""
+    """Save weights as safetensors (atomically) with the model config in the metadata; a language
+    encoder that an installed package supplies (``cfg.language.pretrained``) is left out."""
     from safetensors.torch import save_file
 
     state = state if state is not None else model.state_dict()
+    if model.cfg.language.pretrained:  # the installed encoder package supplies these
+        state = {k: v for k, v in state.items() if not k.startswith("language_backbone.")}
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"format": "glip-transfer", "glip_config": json.dumps(to_dict(model.cfg))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
@@ -235,6 +246,10 @@ def load_model(
         cfg.language.tokenizer = tokenizer
     cfg = override_dataclass(cfg, overrides or [])
     model = build_glip(cfg)
+    if cfg.language.pretrained and not any(k.startswith("language_backbone.") for k in state):
+        from .text_encoders import packaged_language_state
+
+        state = {**state, **packaged_language_state(cfg.language.pretrained)}
     report = load_weights(model, state, str(weights))
     model.eval()
     return model, report

@@ -76,7 +76,9 @@ def state_sha256(model: nn.Module) -> str:
 def base_hash(weights: str | os.PathLike | None, model: nn.Module | None = None) -> str:
     """The identity of a base model: the weights file's sha256, or :func:`state_sha256`."""
     if weights is not None:
-        return file_sha256(weights)
+        from ..checkpoint import resolve_weights
+
+        return file_sha256(resolve_weights(weights))
     if model is None:
         raise ValueError("base_hash needs the weights file or the model")
     return state_sha256(model)

@@ -139,6 +139,29 @@ class Tuning:
 
 
 @dataclass
+class Synthetic:
+    """Data the package renders itself (:mod:`glip_transfer.synth`): split ``split`` with
+    ``seed`` (``images``: training images, None = the split's default), written into ``folder``
+    under the data root the first time a command needs it."""
+
+    split: str
+    folder: str
+    seed: int = 0
+    images: int | None = None
+
+
+@dataclass
+class Pretraining:
+    """How ``glip pretrain`` trains on this recipe: the model to start from when the command line
+    names none (``variant``: random vision weights; a variant with a packaged language encoder
+    gets it), and training settings (:class:`glip_transfer.training.config.TrainConfig` fields)
+    that replace the GLIP-T pretraining defaults; ``--set train.*`` still overrides them."""
+
+    variant: str | None = None
+    train: dict = field(default_factory=dict)
+
+
+@dataclass
 class Recipe:
     name: str
     splits: dict
@@ -150,6 +173,9 @@ class Recipe:
     prompts: str | None = None  # prompt file: a path, or a name in prompts_dir()
     evaluation: Evaluation = field(default_factory=Evaluation)
     tuning: Tuning | None = None
+    weights: str | None = None  # default --weights of the commands (a file or a weights name, e.g. glip-nano)
+    synthetic: Synthetic | None = None
+    pretraining: Pretraining | None = None
     path: str | None = None  # where it was read from (set by load_recipe)
 
     @property
@@ -366,6 +392,24 @@ def _validate(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"{where}: few_shot.{split}_ann_file: split {split!r} is not in splits")
     if recipe.prompts is not None:
         resolve_prompt_file(recipe)
+    if recipe.synthetic is not None:
+        from .synth import SPLITS
+
+        syn = recipe.synthetic
+        if syn.split not in SPLITS:
+            raise RecipeError(f"{where}: synthetic.split {syn.split!r}: choose one of {', '.join(SPLITS)}")
+        folder = syn.folder.rstrip("/") + "/"
+        for name, files in recipe.splits.items():
+            for path in (files.ann_file, files.img_dir):
+                if not (path + "/").startswith(folder):
+                    raise RecipeError(f"{where}: splits.{name}: {path!r} is not under synthetic.folder {syn.folder!r}")
+    if recipe.pretraining is not None and recipe.pretraining.train:
+        from .training.config import TrainConfig
+
+        try:
+            from_dict(TrainConfig, recipe.pretraining.train, f"{where}: pretraining.train")
+        except ConfigError as e:
+            raise RecipeError(str(e)) from None
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
@@ -565,3 +609,49 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 def replace(recipe: Recipe, **changes) -> Recipe:
     """A copy with fields changed (``dataclasses.replace``)."""
     return dataclasses.replace(recipe, **changes)
+
+
+# --------------------------------------------------------------------------- files under a data root
+
+
+def ensure_data(recipe: Recipe, data_root: str | os.PathLike, notify=None) -> bool:
+    """Render a synthetic recipe's data under ``data_root`` if it is not there yet (one line
+    through ``notify`` and a progress bar); True when it was rendered. Other recipes: False."""
+    syn = recipe.synthetic
+    if syn is None:
+        return False
+    from .synth import SynthError, ensure, read_manifest
+
+    out = Path(data_root) / syn.folder
+    if read_manifest(out) is None:
+        from .commands.common import err_console, progress_bar
+
+        notify = notify or (lambda text: err_console.print(text, highlight=False, soft_wrap=True))
+        with progress_bar(transient=True) as bar:
+            task = bar.add_task(f"synth {syn.split}", total=None, info="")
+            try:
+                return ensure(out, syn.split, images=syn.images, seed=syn.seed, notify=notify,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+            except SynthError as e:
+                raise RecipeError(f"recipe {recipe.name}: {e}") from None
+    try:
+        return ensure(out, syn.split, images=syn.images, seed=syn.seed)
+    except SynthError as e:
+        raise RecipeError(f"recipe {recipe.name}: {e}") from None
+
+
+def split_paths(recipe: Recipe, split: str | None, data_root: str | os.PathLike, notify=None) -> tuple[Path, Path]:
+    """The annotation file and image folder of ``split`` (default: the evaluation split) under
+    ``data_root`` (absolute paths in the recipe are kept), both checked to exist; a synthetic
+    recipe's data is rendered there first when missing (:func:`ensure_data`)."""
+    files = recipe.split(split)
+    split = split or recipe.evaluation.split
+    ensure_data(recipe, data_root, notify)
+    root = Path(data_root)
+    ann = Path(files.ann_file) if Path(files.ann_file).is_absolute() else root / files.ann_file
+    img = Path(files.img_dir) if Path(files.img_dir).is_absolute() else root / files.img_dir
+    if not ann.is_file():
+        raise FileNotFoundError(f"{ann}: {split} annotation file of {recipe.name} not found; check --data-root (now {data_root})")
+    if not img.is_dir():
+        raise FileNotFoundError(f"{img}: {split} image folder of {recipe.name} not found; check --data-root (now {data_root})")
+    return ann, img

@@ -61,7 +61,7 @@ def safe_name(name: str) -> str:
 @handle_errors
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="Official GLIP .pth or .safetensors."),
+    weights: Path = typer.Option(None, "--weights", "-w", help="Official GLIP .pth, .safetensors or glip-nano (default: the recipe's)."),
     data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
     split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
@@ -87,7 +87,7 @@ def eval_command(
     from ..evaluation import coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
     from ..inference import EncodedPrompt, evaluate_dataset
     from ..prompts import load_tokenizer
-    from ..recipes import categories_not_in_recipe, evaluation_prompt, load_recipe, parse_recipe, recipe_to_dict
+    from ..recipes import categories_not_in_recipe, evaluation_prompt, load_recipe, parse_recipe, recipe_to_dict, split_paths
 
     if (recipe is None) == (ann is None):
         fail("give --recipe NAME, or --ann FILE with --images DIR")
@@ -99,12 +99,10 @@ def eval_command(
         data = {k: v for k, v in recipe_to_dict(rec).items() if k != "path"}
         rec = parse_recipe(apply_overrides(data, recipe_sets), where=f"--set on {rec.name}", path=rec.path)
     files = rec.split(split)
-    ann_file = data_root / files.ann_file
-    img_dir = data_root / files.img_dir
-    if not ann_file.is_file():
-        fail(f"{ann_file}: annotation file of recipe {rec.name} not found; check --data-root (now {data_root})")
-    if not img_dir.is_dir():
-        fail(f"{img_dir}: image folder of recipe {rec.name} not found; check --data-root (now {data_root})")
+    if weights is None:
+        if rec.weights is None:
+            fail(f"recipe {rec.name} names no default weights: pass --weights (an official GLIP .pth or a .safetensors)")
+        weights = Path(rec.weights)
 
     out = out or Path("runs") / "zeroshot" / safe_name(rec.name)
     partial_path = out / PARTIAL
@@ -116,6 +114,7 @@ def eval_command(
         done_ids, results = load_partial(partial_path)
     elif (out / "metrics.json").exists() and not force:
         fail(f"{out} holds a finished evaluation: pass --force to overwrite it, or choose another --out")
+    ann_file, img_dir = split_paths(rec, split, data_root)
     out.mkdir(parents=True, exist_ok=True)
     if force and partial_path.exists():
         partial_path.unlink()

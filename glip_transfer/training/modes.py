@@ -162,6 +162,11 @@ def apply_mode(model: nn.Module, mode: str, cfg: TrainConfig) -> ModePlan:
             frozen_prefixes += [f"backbone.body.layers.{i}." for i in range(k - 1)]
         plan.frozen_backbone_stages = k
         frozen_prefixes.append("rpn.head.cls_logits.")
+        for prefix in cfg.frozen:
+            prefix = prefix.rstrip(".") + "."
+            if not any(n.startswith(prefix) for n in names):
+                raise ConfigError(f"train.frozen: {prefix[:-1]!r} names no parameter of the model (e.g. language_backbone, backbone.body)")
+            frozen_prefixes.append(prefix)
         plan.trainable = [n for n in names if not n.startswith(tuple(frozen_prefixes))]
     elif mode == "prompt":
         plan.prompt_offset = True

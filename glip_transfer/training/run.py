@@ -7,6 +7,7 @@ Run folder (``--out``)::
     log.jsonl             every step and every evaluation
     checkpoints/          last.safetensors, last.prev.safetensors (resume), best.safetensors
     prompt.safetensors | lora/ | weights.safetensors     the artifact of the mode
+    model.safetensors     (pretraining) the whole pretrained model, loadable with --weights
     test/                 bbox.json, metrics.json, per_category.csv, report.md of the best weights
     curves.png            loss and val AP
     result.json           the summary; its presence marks a finished run
@@ -30,6 +31,7 @@ from ..config import ConfigError, apply_overrides, to_dict
 from .config import MODES, TrainConfig, apply_train_overrides, pretrain_config, train_config_for
 
 RESULT_FILE = "result.json"
+MODEL_FILE = "model.safetensors"  # what glip pretrain leaves: the whole pretrained model
 
 
 @dataclass
@@ -117,14 +119,9 @@ def load_run_recipe(spec: RunSpec, recipe_sets: list[str]):
 
 
 def split_files(rec, split: str, data_root: Path) -> tuple[Path, Path]:
-    files = rec.split(split)
-    ann = Path(files.ann_file) if Path(files.ann_file).is_absolute() else data_root / files.ann_file
-    img = Path(files.img_dir) if Path(files.img_dir).is_absolute() else data_root / files.img_dir
-    if not ann.is_file():
-        raise FileNotFoundError(f"{ann}: {split} annotation file of {rec.name} not found; check --data-root (now {data_root})")
-    if not img.is_dir():
-        raise FileNotFoundError(f"{img}: {split} image folder of {rec.name} not found; check --data-root (now {data_root})")
-    return ann, img
+    from ..recipes import split_paths
+
+    return split_paths(rec, split, data_root)
 
 
 # --------------------------------------------------------------------------- the prepared run
@@ -184,7 +181,7 @@ def prepare(spec: RunSpec, *, shuffle_seed: int | None = None, dist_info=None, d
     train_sets, model_sets, recipe_sets = split_sets(spec.sets)
     rec = load_run_recipe(spec, recipe_sets)
     if spec.pretrain:
-        cfg = pretrain_config()
+        cfg = pretrain_config(rec.pretraining.train if rec.pretraining is not None else None)
     else:
         cfg = train_config_for(rec, spec.mode, spec.shots)
     if spec.epochs is not None:
@@ -204,6 +201,11 @@ def prepare(spec: RunSpec, *, shuffle_seed: int | None = None, dist_info=None, d
     seed_everything(cfg.seed)
     ev = rec.evaluation
     overrides = [f"input.min_size={ev.min_size}", f"input.max_size={ev.max_size}", f"postprocess.detections_per_img={ev.detections_per_img}"]
+    if spec.weights is None and spec.variant is None:  # the recipe's defaults
+        if spec.pretrain and rec.pretraining is not None and rec.pretraining.variant:
+            spec.variant = rec.pretraining.variant
+        elif rec.weights:
+            spec.weights = Path(rec.weights)
     if spec.weights is not None:
         model, _ = load_model(spec.weights, variant=spec.variant, tokenizer=spec.tokenizer, overrides=overrides + model_sets)
     else:
@@ -217,6 +219,11 @@ def prepare(spec: RunSpec, *, shuffle_seed: int | None = None, dist_info=None, d
         mcfg = override_dataclass(mcfg, overrides + model_sets, "model")
         model = build_glip(mcfg)
         notes.append(f"no --weights: {spec.variant} with random initial weights (seed {cfg.seed})")
+        if mcfg.language.pretrained:
+            from ..text_encoders import packaged_language_state
+
+            model.load_state_dict({**model.state_dict(), **packaged_language_state(mcfg.language.pretrained)})
+            notes[-1] = f"no --weights: {spec.variant} with random initial vision weights (seed {cfg.seed}), language from {mcfg.language.pretrained}"
     model.cfg.head.gradient_checkpointing = cfg.gradient_checkpointing
     base = base_hash(spec.weights, model)
     tokenizer = load_tokenizer(default_tokenizer(spec.tokenizer, model.cfg.language.tokenizer))
@@ -322,7 +329,7 @@ def check_out_dir(out: Path, *, resume: bool, force: bool) -> str:
 
 
 OWNED = ("checkpoints", "log.jsonl", "config.json", "result.json", "curves.png", "test", "val", "prompt.safetensors",
-         "weights.safetensors", "lora")  # fmt: skip
+         "weights.safetensors", "lora", MODEL_FILE)  # fmt: skip
 
 
 def clear_run_dir(out: Path) -> None:
@@ -441,6 +448,12 @@ def train_run(prep: Prepared, console=None) -> dict:
                 console.print(f"test (best weights, epoch {result.state.best_epoch}): AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
         artifact = write_artifact(prep, trainer)
         summary["artifact"] = str(artifact)
+        if spec.pretrain:  # the pretrained model itself, for --weights (a packaged language encoder left out)
+            from ..checkpoint import save_model
+
+            save_model(prep.model, out / MODEL_FILE, metadata={"recipe": prep.recipe.name, "steps": result.state.step,
+                                                               "train_config": json.dumps(to_dict(prep.cfg))})  # fmt: skip
+            summary["model"] = str(out / MODEL_FILE)
         try:
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run

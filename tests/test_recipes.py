@@ -336,6 +336,10 @@ def test_minimal_recipe_defaults(tmp_path, tokenizer):
         (GOOD + "tuning: {modes: {full: {lr: 0.1, weight_decay: 0, trains: everything}}, val_split: val, test_split: val}\n", "trains 'everything'"),
         (GOOD + "tuning: {batch_size: four, val_split: val, test_split: val}\n", "tuning: batch_size: expected a whole number"),
         (GOOD + "tuning: {}\n", "tuning: split 'test' is not in splits"),
+        (GOOD + 'synthetic: {split: nope, folder: a}\n', "synthetic.split 'nope'"),
+        (GOOD + 'synthetic: {split: novel, folder: elsewhere}\n', "is not under synthetic.folder 'elsewhere'"),
+        (GOOD + 'pretraining: {train: {lr: fast}}\n', "pretraining.train.lr: expected a number"),
+        (GOOD + 'pretraining: {train: {speed: 1}}\n', "unknown key 'speed'"),
         ("name: [unclosed\n", "not valid YAML"),
         ("- a list\n", "top level"),
     ],
@@ -437,3 +441,34 @@ def test_cli_show_text_and_errors(run, tmp_path):
     data = json.loads(result.stdout)
     assert data["caption"].startswith(" fish.") and data["tokenizer"] is None
     assert "--tokenizer" in data["notices"][0]
+
+
+def test_synthetic_recipe_renders_its_data_on_first_use(tmp_path, monkeypatch):
+    import dataclasses
+
+    from glip_transfer.recipes import split_paths
+    from glip_transfer.synth import SPLITS
+
+    monkeypatch.setitem(SPLITS, "shifted", dataclasses.replace(SPLITS["shifted"], subsets={"train": 4, "val": 2, "test": 2}))
+    recipe = load_recipe("demo/shifted")
+    assert recipe.weights == "glip-nano" and recipe.synthetic.split == "shifted"
+    said = []
+    ann, img = split_paths(recipe, "val", tmp_path, notify=said.append)
+    assert ann == tmp_path / "synth/shifted/val.json" and len(list(img.iterdir())) == 2
+    assert len(said) == 1 and "first use" in said[0]
+    assert split_paths(recipe, "test", tmp_path, notify=said.append)[0].is_file() and len(said) == 1
+    few = tmp_path / recipe.few_shot.ann_file("train", 3, 30)
+    assert few.is_file()
+    other = load_recipe("coco")
+    with pytest.raises(FileNotFoundError, match="check --data-root"):
+        split_paths(other, None, tmp_path)
+
+
+def test_pretraining_recipe_settings():
+    from glip_transfer.training.config import pretrain_config
+
+    recipe = load_recipe("nano/pretrain")
+    cfg = pretrain_config(recipe.pretraining.train)
+    assert recipe.pretraining.variant == "glip-nano"
+    assert cfg.frozen == ("language_backbone",) and cfg.flip_prob == 0.0
+    assert pretrain_config().frozen == () and pretrain_config().batch_size == 64

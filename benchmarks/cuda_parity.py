@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from glip_transfer.boxes import box_iou
 from glip_transfer.config import variant_config
-from glip_transfer.inference import autocast
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.postprocess import postprocess
 from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.runtime import autocast
 
 
 def detection_agreement(dets, ref) -> dict:
@@ -35,15 +35,19 @@ def detection_agreement(dets, ref) -> dict:
         "count": len(dets),
         "top10_labels_equal": bool(torch.equal(dets.labels.cpu()[:10], ref["det.labels"][:10])),
         "top10_max_box_diff": float((boxes[:10] - ref["det.boxes"][:10]).abs().max()) if len(dets) >= 10 else None,
-        "max_score_diff_top10": float((dets.scores.cpu()[:10] - ref["det.scores"][:10]).abs().max()) if len(dets) >= 10 else None,
+        "max_score_diff_top10": float((dets.scores.cpu()[:10] - ref["det.scores"][:10]).abs().max())
+        if len(dets) >= 10
+        else None,
         "matched_of_100": int(same.any(0).sum()),
     }
 
 
 def run_case(model, ref, device, amp: bool) -> dict:
     captured = {}
-    hooks = [model.backbone.body.register_forward_hook(lambda m, a, o: captured.__setitem__("C", o)),
-             model.backbone.register_forward_hook(lambda m, a, o: captured.__setitem__("P", o))]  # fmt: skip
+    hooks = [
+        model.backbone.body.register_forward_hook(lambda m, a, o: captured.__setitem__("C", o)),
+        model.backbone.register_forward_hook(lambda m, a, o: captured.__setitem__("P", o)),
+    ]
     with torch.no_grad(), autocast(device, amp):
         text = model.encode_text(ref["text.input_ids"].to(device), ref["text.attention_mask"].to(device))
         outputs, anchors = model(ref["image.input"].to(device), text)
@@ -55,10 +59,16 @@ def run_case(model, ref, device, amp: bool) -> dict:
         "bert": float((f32(text.hidden) - ref["lang.backbone_hidden"]).abs().max()),
         "swin": max(float((f32(c) - ref[f"backbone.body.C{i + 3}"]).abs().max()) for i, c in enumerate(captured["C"])),
         "fpn": max(float((f32(p) - ref[f"backbone.fpn.P{i + 3}"]).abs().max()) for i, p in enumerate(captured["P"])),
-        "bbox_reg": max(float((f32(t) - ref[f"head.bbox_reg.P{i + 3}"]).abs().max()) for i, t in enumerate(outputs.box_regression)),
-        "centerness": max(float((f32(t) - ref[f"head.centerness.P{i + 3}"]).abs().max()) for i, t in enumerate(outputs.centerness)),
-        "token_logits": max(float((f32(t)[..., valid] - ref[f"head.dot_product_logits.P{i + 3}"][..., valid]).abs().max())
-                            for i, t in enumerate(outputs.token_logits)),  # fmt: skip
+        "bbox_reg": max(
+            float((f32(t) - ref[f"head.bbox_reg.P{i + 3}"]).abs().max()) for i, t in enumerate(outputs.box_regression)
+        ),
+        "centerness": max(
+            float((f32(t) - ref[f"head.centerness.P{i + 3}"]).abs().max()) for i, t in enumerate(outputs.centerness)
+        ),
+        "token_logits": max(
+            float((f32(t)[..., valid] - ref[f"head.dot_product_logits.P{i + 3}"][..., valid]).abs().max())
+            for i, t in enumerate(outputs.token_logits)
+        ),
     }
     outputs.box_regression = [t.float() for t in outputs.box_regression]
     outputs.centerness = [t.float() for t in outputs.centerness]
@@ -97,14 +107,25 @@ def main() -> None:
     apply_deterministic_weights(model, 6)
     model = model.eval().to(device)
 
-    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "float32": run_case(model, ref, device, amp=False), "amp": run_case(model, ref, device, amp=True)}  # fmt: skip
+    report = {
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "float32": run_case(model, ref, device, amp=False),
+        "amp": run_case(model, ref, device, amp=True),
+    }
     timings = []
     for size in ((512, 512), (800, 1344)):
         for batch in (1, 4):
             for amp in (False, True):
                 seconds = time_forward(model, device, size, batch, amp)
-                timings.append({"size": f"{size[0]}x{size[1]}", "batch": batch, "amp": amp, "ms_per_image": round(1000 * seconds, 1)})
+                timings.append(
+                    {
+                        "size": f"{size[0]}x{size[1]}",
+                        "batch": batch,
+                        "amp": amp,
+                        "ms_per_image": round(1000 * seconds, 1),
+                    }
+                )
     report["timings"] = timings
     report["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
@@ -126,10 +147,25 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cuda_parity.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# GLIP-T on {report['device']} (torch {report['torch']})", "", "| tensor | float32 max diff | amp max diff |", "|---|---|---|"]
-    lines += [f"| {k} | {report['float32']['max_abs_diff'][k]:.2e} | {report['amp']['max_abs_diff'][k]:.2e} |" for k in report["float32"]["max_abs_diff"]]
-    lines += ["", f"Detections float32: {report['float32']['detections']}", "", f"Detections amp: {report['amp']['detections']}", "",
-              "| size | batch | amp | ms / image |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# GLIP-T on {report['device']} (torch {report['torch']})",
+        "",
+        "| tensor | float32 max diff | amp max diff |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {report['float32']['max_abs_diff'][k]:.2e} | {report['amp']['max_abs_diff'][k]:.2e} |"
+        for k in report["float32"]["max_abs_diff"]
+    ]
+    lines += [
+        "",
+        f"Detections float32: {report['float32']['detections']}",
+        "",
+        f"Detections amp: {report['amp']['detections']}",
+        "",
+        "| size | batch | amp | ms / image |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {t['size']} | {t['batch']} | {t['amp']} | {t['ms_per_image']} |" for t in timings]
     lines += ["", f"Peak GPU memory: {report['peak_memory_gib']} GiB"]
     (out / "cuda_parity.md").write_text("\n".join(lines) + "\n")

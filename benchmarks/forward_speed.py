@@ -20,6 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from glip_transfer.allocator import keep_freed_memory
 from glip_transfer.config import variant_config
 from glip_transfer.model import head as head_module
 from glip_transfer.model.glip import build_glip
@@ -114,10 +115,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 where supported)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--text", default="caption,padded",
-                        help="caption: the fused head over the caption's 12 tokens (what glip predict runs); padded: over all 256 positions")
+    parser.add_argument(
+        "--text",
+        default="caption,padded",
+        help="caption: the fused head over the caption's 12 tokens (what glip predict runs); "
+        "padded: over all 256 positions",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    keep_freed_memory()  # as the glip command: no page faults per forward (glip_transfer.allocator)
 
     device = torch.device(args.device)
     cfg = variant_config(args.variant)
@@ -127,7 +133,9 @@ def main() -> None:
     ids = torch.zeros(1, cfg.language.max_query_len, dtype=torch.long)
     ids[0, :12] = torch.tensor([101, 2711, 1012, 7596, 1012, 2137, 5210, 1012, 10412, 1012, 15913, 102])
     mask = (ids != 0).long()
-    positive_map = torch.zeros(5, cfg.language.max_query_len, device=device)  # person. rocket. american flag. helmet. glove
+    positive_map = torch.zeros(
+        5, cfg.language.max_query_len, device=device
+    )  # person. rocket. american flag. helmet. glove
     for row, tokens in enumerate(([1], [3], [5, 6], [8], [10])):
         positive_map[row, tokens] = 1.0
     with torch.no_grad():
@@ -144,18 +152,33 @@ def main() -> None:
                 best, deform = time_run(run, model, n, args)
                 rows.append(
                     {
-                        "variant": args.variant, "size": f"{h}x{w}", "text": text_mode, "device": str(device), "threads": n,
-                        "amp": args.amp, "seconds": round(best, 3), "gflops": round(flops / 1e9, 1),
-                        "gflop_per_s": round(flops / 1e9 / best, 1), "deform_share": round(deform / best, 3),
+                        "variant": args.variant,
+                        "size": f"{h}x{w}",
+                        "text": text_mode,
+                        "device": str(device),
+                        "threads": n,
+                        "amp": args.amp,
+                        "seconds": round(best, 3),
+                        "gflops": round(flops / 1e9, 1),
+                        "gflop_per_s": round(flops / 1e9 / best, 1),
+                        "deform_share": round(deform / best, 3),
                     }
-                )  # fmt: skip
+                )
 
     table = Table(title=f"GLIP forward ({args.variant}, batch 1, text encoded once)")
     for col in ("size", "text", "device", "threads", "seconds", "gflops", "gflop_per_s", "deform_share"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["size"], r["text"], r["device"], str(r["threads"]), f"{r['seconds']:.2f}", f"{r['gflops']:.0f}",
-                      f"{r['gflop_per_s']:.1f}", f"{100 * r['deform_share']:.0f}%")  # fmt: skip
+        table.add_row(
+            r["size"],
+            r["text"],
+            r["device"],
+            str(r["threads"]),
+            f"{r['seconds']:.2f}",
+            f"{r['gflops']:.0f}",
+            f"{r['gflop_per_s']:.1f}",
+            f"{100 * r['deform_share']:.0f}%",
+        )
     Console().print(table)
 
     out = Path(args.out)
@@ -165,14 +188,23 @@ def main() -> None:
         machine += f", {torch.cuda.get_device_name(device)}"
     stem = f"forward_speed_{args.variant}_{device.type}"
     (out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    lines = [f"# GLIP forward speed ({args.variant})", "", f"Machine: {machine}", "",
-             "Detections for one image with a 5-phrase, 12-token caption (BERT run once, not timed). text: `caption` = "
-             "`GLIP.detect`, the fused head over the caption's 12 positions (what `glip predict` runs); `padded` = the "
-             "head over all 256 positions, as the reference runs it.", "",
-             "| size | text | device | threads | s / image | GFLOP | GFLOP/s | deform conv share |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# GLIP forward speed ({args.variant})",
+        "",
+        f"Machine: {machine}",
+        "",
+        "Detections for one image with a 5-phrase, 12-token caption (BERT run once, not timed). text: `caption` = "
+        "`GLIP.detect`, the fused head over the caption's 12 positions (what `glip predict` runs); `padded` = the "
+        "head over all 256 positions, as the reference runs it.",
+        "",
+        "| size | text | device | threads | s / image | GFLOP | GFLOP/s | deform conv share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['text']} | {r['device']} | {r['threads']} | {r['seconds']:.2f} | {r['gflops']:.0f} | "
-                     f"{r['gflop_per_s']:.1f} | {100 * r['deform_share']:.0f}% |")  # fmt: skip
+        lines.append(
+            f"| {r['size']} | {r['text']} | {r['device']} | {r['threads']} | {r['seconds']:.2f} | {r['gflops']:.0f} | "
+            f"{r['gflop_per_s']:.1f} | {100 * r['deform_share']:.0f}% |"
+        )
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 

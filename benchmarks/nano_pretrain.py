@@ -82,7 +82,7 @@ def _metadata(path: Path) -> dict:
 
 
 def _sha256(path: Path) -> str:
-    from glip_transfer.training.artifacts import file_sha256
+    from glip_transfer.checkpoint import file_sha256
 
     return file_sha256(path)
 
@@ -94,8 +94,8 @@ def compare(fp32: Path, fp16: Path, data_root: Path) -> dict:
     from glip_transfer.checkpoint import load_model
     from glip_transfer.data import DetectionDataset, load_coco
     from glip_transfer.inference import EncodedPrompt
-    from glip_transfer.prompts import load_tokenizer
     from glip_transfer.recipes import evaluation_prompt, load_recipe, split_paths
+    from glip_transfer.tokenizer import load_tokenizer
     from glip_transfer.training.evaluate import evaluate
 
     out = {}
@@ -190,8 +190,9 @@ def main() -> None:
     if (args.out / "curves.png").exists():
         small_plot(args.out / "curves.png", args.results / "nano_pretrain_curves.png")
     if args.ship:
-        from glip_transfer.checkpoint import NANO_WEIGHTS
+        from glip_transfer.hub import PACKAGED_DIR
 
+        NANO_WEIGHTS = PACKAGED_DIR / "glip-nano.safetensors"
         report["shipped"] = ship(args.out / "model.safetensors", NANO_WEIGHTS)
         report["float16_vs_float32"] = compare(args.out / "model.safetensors", NANO_WEIGHTS, args.data_root)
     (args.results / "nano_pretrain.json").write_text(json.dumps(report, indent=2) + "\n")

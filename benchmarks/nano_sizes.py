@@ -113,8 +113,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown candidate {unknown[0]!r}: choose from {', '.join(CANDIDATES)}")
     # render the data once (the corpus and the target), outside the timed runs
-    from glip_transfer.recipes import ensure_data, load_recipe, parse_recipe, recipe_to_dict
     from glip_transfer.config import apply_overrides
+    from glip_transfer.recipes import ensure_data, load_recipe, parse_recipe, recipe_to_dict
 
     pre = load_recipe("nano/pretrain")
     pre = parse_recipe(apply_overrides({k: v for k, v in recipe_to_dict(pre).items() if k != "path"}, [f"synthetic.images={args.images}"]), "nano/pretrain")

@@ -22,24 +22,27 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from glip_transfer.config import variant_config
+from glip_transfer.model.glip import build_glip
+from glip_transfer.model.loss import GroundingTarget
+from glip_transfer.reference import apply_deterministic_weights
+from glip_transfer.training.config import TrainConfig
+from glip_transfer.training.data import Batch, FixedPrompt
+from glip_transfer.training.engine import Trainer, TrainModule
+from glip_transfer.training.modes import apply_mode, count_parameters, set_train_modes
 
 TARGETS = {"time": 0.35, "memory": 0.5}  # prompt step vs full step
 
 
 def worker(args) -> dict:
-    import torch
-
-    from glip_transfer.config import variant_config
-    from glip_transfer.model.glip import build_glip
-    from glip_transfer.reference import apply_deterministic_weights
-    from glip_transfer.training.config import TrainConfig
-    from glip_transfer.training.data import Batch, FixedPrompt
-    from glip_transfer.training.engine import Trainer, TrainModule
-    from glip_transfer.training.modes import apply_mode, count_parameters
-    from glip_transfer.model.loss import GroundingTarget
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -48,12 +51,17 @@ def worker(args) -> dict:
     cfg.head.gradient_checkpointing = args.checkpointing
     model = build_glip(cfg)
     apply_deterministic_weights(model, cfg.head.num_convs)
-    train_cfg = TrainConfig(batch_size=args.batch, amp=args.amp, amp_dtype=args.amp_dtype, lr=1e-4, schedule="constant",
-                            early_stop_patience=0, gradient_checkpointing=args.checkpointing)  # fmt: skip
+    train_cfg = TrainConfig(
+        batch_size=args.batch,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        lr=1e-4,
+        schedule="constant",
+        early_stop_patience=0,
+    )
     plan = apply_mode(model, args.mode, train_cfg)
     module = TrainModule(model, plan).to(device)
-    extra = {"prompt_offset": module.prompt_offset} if module.prompt_offset is not None else None
-    trainable, total = count_parameters(model, plan, extra)
+    trainable, total = count_parameters(model)
 
     t = args.tokens
     max_len = cfg.language.max_query_len
@@ -66,18 +74,21 @@ def worker(args) -> dict:
     for row in range(4):
         pmap[row, 1 + 2 * row] = 1.0
     prompt = FixedPrompt("synthetic", ids, mask, pmap, [1, 2, 3, 4])
-    import tempfile
-
-    trainer = Trainer(module, train_cfg, list(range(args.batch)), device=device, out_dir=tempfile.mkdtemp(), prompt=prompt, progress=False)
+    trainer = Trainer(
+        module,
+        train_cfg,
+        list(range(args.batch)),
+        device=device,
+        out_dir=tempfile.mkdtemp(),
+        prompt=prompt,
+        progress=False,
+    )
 
     g = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     boxes = torch.tensor([[20.0, 30.0, 140.0, 170.0], [150.0, 120.0, 300.0, 290.0]]) * (args.size / 320)
     targets = [GroundingTarget(boxes.clone(), pmap[[i % 4, (i + 1) % 4]].clone()) for i in range(args.batch)]
     batch = Batch(images, [(args.size, args.size)] * args.batch, targets, list(range(args.batch)))
-
-    from glip_transfer.training.modes import set_train_modes
-
     set_train_modes(model, plan, True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -100,7 +111,7 @@ def worker(args) -> dict:
     fwd, bwd = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        with trainer._autocast():
+        with trainer.autocast():
             losses = trainer.wrapped(batch_on.images, batch_on.targets, ids_on, mask_on)
         loss = sum(losses.values())
         sync()
@@ -138,7 +149,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="CUDA autocast (bf16 / fp16)")
     parser.add_argument("--amp-dtype", default="auto", choices=("auto", "bfloat16", "float16"))
-    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of the fused head")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (fused head and Swin)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -149,18 +160,32 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
 
-    from rich.console import Console
-    from rich.table import Table
-
-    import torch
-
     console = Console()
     rows = []
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--worker", mode, "--variant", args.variant, "--size", str(args.size),
-               "--batch", str(args.batch), "--tokens", str(args.tokens), "--steps", str(args.steps), "--device", args.device,
-               "--threads", str(args.threads), "--amp-dtype", args.amp_dtype] + (["--amp"] if args.amp else [])
-        cmd += ["--checkpointing"] if args.checkpointing else []  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            mode,
+            "--variant",
+            args.variant,
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--tokens",
+            str(args.tokens),
+            "--steps",
+            str(args.steps),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+            "--amp-dtype",
+            args.amp_dtype,
+        ] + (["--amp"] if args.amp else [])
+        cmd += ["--checkpointing"] if args.checkpointing else []
         console.print(f"[bold]{mode}[/] ...", highlight=False)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "GLIP_PROGRESS": "0"})
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -182,56 +207,109 @@ def main() -> None:
         r["rest_s"] = max(r["sec_per_step"] - r["forward_s"] - r["backward_s"], 0.0)  # a difference of timings
         if cpu:  # the memory training adds over the built model (peak RSS - RSS after building it)
             r["train_mb"] = r["peak_rss_mb"] - r["rss_after_build_mb"]
-            r["train_memory_vs_full"] = r["train_mb"] / (full["peak_rss_mb"] - full["rss_after_build_mb"]) if full else float("nan")
-        table.add_row(r["mode"], f"{r['trainable']:,}", f"{r['sec_per_step']:.2f}", f"{rt:.2f}", f"{r['forward_s']:.2f}",
-                      f"{r['backward_s']:.2f}", f"{r['rest_s']:.2f}", f"{r[mem_key]:.0f}", f"{rm:.2f}")  # fmt: skip
+            r["train_memory_vs_full"] = (
+                r["train_mb"] / (full["peak_rss_mb"] - full["rss_after_build_mb"]) if full else float("nan")
+            )
+        table.add_row(
+            r["mode"],
+            f"{r['trainable']:,}",
+            f"{r['sec_per_step']:.2f}",
+            f"{rt:.2f}",
+            f"{r['forward_s']:.2f}",
+            f"{r['backward_s']:.2f}",
+            f"{r['rest_s']:.2f}",
+            f"{r[mem_key]:.0f}",
+            f"{rm:.2f}",
+        )
     console.print(table)
     prompt = next((r for r in rows if r["mode"] == "prompt"), None)
     verdict = {}
     if full and prompt:
         verdict = {
-            "prompt_time_vs_full": prompt["time_vs_full"], "time_target": TARGETS["time"],
+            "prompt_time_vs_full": prompt["time_vs_full"],
+            "time_target": TARGETS["time"],
             "time_met": prompt["time_vs_full"] <= TARGETS["time"],
-            "prompt_memory_vs_full": prompt["memory_vs_full"], "memory_target": TARGETS["memory"],
+            "prompt_memory_vs_full": prompt["memory_vs_full"],
+            "memory_target": TARGETS["memory"],
             "memory_met": prompt["memory_vs_full"] <= TARGETS["memory"],
             # the prompt step's forward + backward alone: what no optimiser or schedule change can remove
             "prompt_forward_backward_vs_full": (prompt["forward_s"] + prompt["backward_s"]) / full["sec_per_step"],
-        }  # fmt: skip
-        console.print(f"prompt vs full: time {prompt['time_vs_full']:.2f}x (target <= {TARGETS['time']}), "
-                      f"memory {prompt['memory_vs_full']:.2f}x (target <= {TARGETS['memory']})")  # fmt: skip
-    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-           "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": args.threads or torch.get_num_threads(),
-           "device": args.device if not args.device.startswith("cuda") or not torch.cuda.is_available() else torch.cuda.get_device_name(0)}  # fmt: skip
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")}, "environment": env, "results": rows, "verdict": verdict}
+        }
+        console.print(
+            f"prompt vs full: time {prompt['time_vs_full']:.2f}x (target <= {TARGETS['time']}), "
+            f"memory {prompt['memory_vs_full']:.2f}x (target <= {TARGETS['memory']})"
+        )
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads or torch.get_num_threads(),
+        "device": args.device
+        if not args.device.startswith("cuda") or not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
+    }
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "worker")},
+        "environment": env,
+        "results": rows,
+        "verdict": verdict,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if args.device == "cpu" else "_cuda") + ("" if args.size == 320 else f"_{args.size}") + ("_ckpt" if args.checkpointing else "")
+    suffix = (
+        ("" if args.device == "cpu" else "_cuda")
+        + ("" if args.size == 320 else f"_{args.size}")
+        + ("_ckpt" if args.checkpointing else "")
+    )
     (args.out / f"train_step{suffix}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    lines = [f"# Training step: {args.variant}, batch {args.batch} x {args.size}x{args.size}, {args.tokens}-token caption", "",
-             f"Device: {env['device']} ({env['cpus']} CPUs, {env['threads']} threads), torch {env['torch']}. "
-             f"One warm-up step, mean of {args.steps} timed steps; peak memory: "
-             + ("`torch.cuda.max_memory_allocated`." if args.device.startswith("cuda") else "`ru_maxrss` of a fresh process per mode (weights included)."),
-             ""]  # fmt: skip
-    header = "| mode | trainable | s / step | x full | forward (s) | backward (s) | rest (s) | peak memory (MB) | x full |"
+    lines = [
+        f"# Training step: {args.variant}, batch {args.batch} x {args.size}x{args.size}, {args.tokens}-token caption",
+        "",
+        f"Device: {env['device']} ({env['cpus']} CPUs, {env['threads']} threads), torch {env['torch']}. "
+        f"One warm-up step, mean of {args.steps} timed steps; peak memory: "
+        + (
+            "`torch.cuda.max_memory_allocated`."
+            if args.device.startswith("cuda")
+            else "`ru_maxrss` of a fresh process per mode (weights included)."
+        ),
+        "",
+    ]
+    header = (
+        "| mode | trainable | s / step | x full | forward (s) | backward (s) | rest (s) | peak memory (MB) | x full |"
+    )
     if cpu:
         lines += [header + " training's own (MB) | x full |", "| --- |" + " ---: |" * 10]
     else:
         lines += [header, "| --- |" + " ---: |" * 8]
     for r in rows:
-        row = (f"| {r['mode']} | {r['trainable']:,} | {r['sec_per_step']:.3f} | {r['time_vs_full']:.2f} | {r['forward_s']:.3f} | "
-               f"{r['backward_s']:.3f} | {r['rest_s']:.3f} | {r[mem_key]:.0f} | {r['memory_vs_full']:.2f} |")
+        row = (
+            f"| {r['mode']} | {r['trainable']:,} | {r['sec_per_step']:.3f} | {r['time_vs_full']:.2f} | "
+            f"{r['forward_s']:.3f} | "
+            f"{r['backward_s']:.3f} | {r['rest_s']:.3f} | {r[mem_key]:.0f} | {r['memory_vs_full']:.2f} |"
+        )
         if cpu:
             row += f" {r['train_mb']:.0f} | {r['train_memory_vs_full']:.2f} |"
         lines.append(row)
-    lines += ["", "forward / backward: one forward with the loss and its backward, timed alone; rest: the step minus both "
-              "(gradient clipping, optimiser, schedule, EMA)."]
+    lines += [
+        "",
+        "forward / backward: one forward with the loss and its backward, timed alone; rest: the step minus both "
+        "(gradient clipping, optimiser, schedule, EMA).",
+    ]
     if cpu:
-        lines += ["", "\"training's own\": peak RSS minus the RSS after building the model with its deterministic weights (the build "
-                  "itself peaks near 1.8 GB for GLIP-T and is the same in every mode)."]  # fmt: skip
+        lines += [
+            "",
+            '"training\'s own": peak RSS minus the RSS after building the model with its deterministic weights '
+            "(the build itself peaks near 1.8 GB for GLIP-T and is the same in every mode).",
+        ]
     if verdict:
-        lines += ["", f"Prompt step vs full step: time {verdict['prompt_time_vs_full']:.2f}x (target <= {TARGETS['time']}: "
-                  f"{'met' if verdict['time_met'] else 'NOT met'}), peak memory {verdict['prompt_memory_vs_full']:.2f}x "
-                  f"(target <= {TARGETS['memory']}: {'met' if verdict['memory_met'] else 'NOT met'}). The prompt step's "
-                  f"forward + backward alone is {verdict['prompt_forward_backward_vs_full']:.2f}x the full step."]  # fmt: skip
+        lines += [
+            "",
+            f"Prompt step vs full step: time {verdict['prompt_time_vs_full']:.2f}x (target <= {TARGETS['time']}: "
+            f"{'met' if verdict['time_met'] else 'NOT met'}), peak memory {verdict['prompt_memory_vs_full']:.2f}x "
+            f"(target <= {TARGETS['memory']}: {'met' if verdict['memory_met'] else 'NOT met'}). The prompt step's "
+            f"forward + backward alone is {verdict['prompt_forward_backward_vs_full']:.2f}x the full step.",
+        ]
     (args.out / f"train_step{suffix}.md").write_text("\n".join(lines) + "\n")
     console.print(f"written: {args.out / f'train_step{suffix}.md'}, {args.out / f'train_step{suffix}.json'}")
 

@@ -27,7 +27,9 @@ def grid_anchors(cell: torch.Tensor, stride: int, height: int, width: int) -> to
     in ``y*W + x`` order."""
     kw = dict(dtype=torch.float32, device=cell.device)
     sy, sx = torch.meshgrid(
-        torch.arange(0, height * stride, step=stride, **kw), torch.arange(0, width * stride, step=stride, **kw), indexing="ij"
+        torch.arange(0, height * stride, step=stride, **kw),
+        torch.arange(0, width * stride, step=stride, **kw),
+        indexing="ij",
     )
     shifts = torch.stack((sx.reshape(-1), sy.reshape(-1), sx.reshape(-1), sy.reshape(-1)), dim=1)
     return (shifts[:, None, :] + cell[None]).reshape(-1, 4)
@@ -104,7 +106,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
     float32 precision), and the +1 convention comes from growing every box by one pixel before
     torchvision's exact NMS.
     """
-    import torchvision
+    import torchvision  # a second to import: only when boxes are suppressed (not for `glip --help`)
 
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import typer
 
 from .commands.data import app as data_app
+from .commands.demo import demo_command
 from .commands.inspect import inspect_command
 from .commands.predict import predict_command
 from .commands.recipes import app as recipes_app
 from .commands.train import finetune_command, pretrain_command
+from .commands.weights import app as weights_app
 from .commands.zeroshot import app as zeroshot_app
 
 app = typer.Typer(
@@ -19,16 +21,21 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+app.command("demo")(demo_command)
 app.command("predict")(predict_command)
 app.add_typer(zeroshot_app, name="zeroshot")
 app.command("finetune")(finetune_command)
 app.command("pretrain")(pretrain_command)
 app.add_typer(recipes_app, name="recipes", help="List and show the dataset recipes.")
 app.command("inspect")(inspect_command)
+app.add_typer(weights_app, name="weights")
 app.add_typer(data_app, name="data")
 
 
 def main() -> None:  # pragma: no cover - the console script
+    from .allocator import keep_freed_memory
+
+    keep_freed_memory()  # batches reuse the memory of the last one (no page faults per forward)
     app()
 
 

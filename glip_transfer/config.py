@@ -7,6 +7,7 @@ The model is described by :class:`GLIPConfig`; the named variants (``glip-t``, `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -14,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+MAX_QUERY_LEN = 256
+"""Token positions of the language model input (``MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN``)."""
 
 
 class ConfigError(ValueError):
@@ -61,7 +65,7 @@ class LanguageConfig:
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
-    max_query_len: int = 256
+    max_query_len: int = MAX_QUERY_LEN
 
 
 @dataclass
@@ -79,6 +83,8 @@ class HeadConfig:
     dyrelu_reduction: int = 4
     log_scale: float = 0.0
     prior_prob: float = 0.01
+    # the model's one switch for gradient checkpointing (GLIP.set_grad_checkpointing): recompute the
+    # fused tower (official MODEL.DYHEAD.USE_CHECKPOINT) and Swin's blocks in training's backward
     gradient_checkpointing: bool = False
 
 
@@ -135,7 +141,9 @@ def _glip_t_a() -> GLIPConfig:
 def _glip_l() -> GLIPConfig:
     return GLIPConfig(
         variant="glip-l",
-        swin=SwinConfig(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4),
+        swin=SwinConfig(
+            embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, drop_path_rate=0.4
+        ),
         head=HeadConfig(num_convs=8),
     )
 
@@ -210,6 +218,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     args = typing.get_args(annotation)
     if annotation is Any:
         return value
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(str(a) for a in args)}")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -305,10 +317,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def split_overrides(overrides: list[str] | None, sections: tuple[str, ...]) -> dict[str, list[str]]:
+    """``--set`` items by the section their key starts with (``model.``, ``train.``: the prefix
+    removed); items of no listed section go to ``"recipe"`` (the dataset recipe's own keys)."""
+    out: dict[str, list[str]] = {name: [] for name in (*sections, "recipe")}
+    for item in overrides or []:
+        item = item.strip()
+        section = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if section in sections:
+            out[section].append(item[len(section) + 1 :])
+        else:
+            out["recipe"].append(item)
+    return out
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``--set a.b=value`` overrides to a nested dict (a copy); types are checked by from_dict."""
-    import copy
-
     out = copy.deepcopy(data)
     for text in overrides or []:
         path, value = parse_override(text)

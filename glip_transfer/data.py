@@ -36,15 +36,15 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import InputConfig
-from .transforms import TrainTransform, pad_batch, test_transform
+from .transforms import TrainTransform, pad_batch, padded_size, resize_size, test_transform
 
 
 class DataError(ValueError):
@@ -359,10 +359,11 @@ def _as_coco_data(coco: CocoData | str | os.PathLike) -> CocoData:
 
 
 def _existing_images(
-    coco: CocoData, image_root: Path, image_ids: Iterable | None
-) -> list[tuple[Any, Path, tuple[int, int]]]:
-    """``(image_id, path, (json_width, json_height))`` of the listed images found on disk; warns with
-    the count of missing ones and raises :class:`DataError` when none is found."""
+    coco: CocoData, image_root: Path, image_ids: Iterable | None, left_out: str = "skipped"
+) -> tuple[list[tuple[Any, Path, tuple[int, int]]], list[str]]:
+    """``(image_id, path, (json_width, json_height))`` of the listed images found on disk, and the
+    ``file_name`` of each one that is not; warns once with the count of missing ones (saying what
+    happens to them: ``left_out``) and raises :class:`DataError` when none is found."""
     ids = list(coco.images) if image_ids is None else list(image_ids)
     unknown = [i for i in ids if i not in coco.images]
     if unknown:
@@ -376,19 +377,19 @@ def _existing_images(
         if file.is_file():
             found.append((image_id, file, (int(entry["width"]), int(entry["height"]))))
         else:
-            missing.append(file)
+            missing.append(entry["file_name"])
     if not found:
         raise DataError(
-            f"{coco.path}: none of the {len(ids)} images was found under {image_root} (first: {missing[0]}); "
-            "check the image root"
+            f"{coco.path}: none of the {len(ids)} images was found under {image_root} "
+            f"(first: {image_root / missing[0]}); check the image root"
         )
     if missing:
         warnings.warn(
-            f"{coco.path}: {len(missing)} of {len(ids)} images not found under {image_root} (first: {missing[0]}); "
-            "skipping them",
+            f"{len(missing)} of {len(ids)} images listed in {coco.path.name} are missing under {image_root} "
+            f"(first: {missing[0]}): {left_out}",
             stacklevel=3,
         )
-    return found
+    return found, missing
 
 
 def _load_for_dataset(path: Path, json_wh: tuple[int, int], exif: ExifMode) -> Image.Image:
@@ -406,10 +407,10 @@ class DetectionDataset(Dataset):
     """Evaluation images of a COCO-format dataset, transformed as the reference test transform.
 
     Item ``i`` is ``(image, info)``: ``image`` float32 ``[3, h, w]`` (normalised BGR*255, not padded)
-    and ``info`` = ``{"image_id", "file", "original_size": (H, W) from the annotation file (the size
-    predictions are mapped back to, as the reference does), "loaded_size": (H, W) of the decoded
-    image, "resized_size": (h, w)}``. Images listed but missing on disk are skipped with one warning
-    (``num_missing`` counts them).
+    and ``info`` = ``{"image_id", "index": i, "file", "original_size": (H, W) from the annotation
+    file (the size predictions are mapped back to, as the reference does), "loaded_size": (H, W) of
+    the decoded image, "resized_size": (h, w)}``. Images listed but missing on disk are skipped with
+    one warning; :attr:`missing` lists their file names (the metrics leave them out and say so).
     """
 
     def __init__(
@@ -426,8 +427,14 @@ class DetectionDataset(Dataset):
         self.cfg = cfg
         self.exif = exif
         ids = list(self.coco.images) if image_ids is None else list(image_ids)
-        self.entries = _existing_images(self.coco, self.image_root, ids)
-        self.num_missing = len(ids) - len(self.entries)
+        self.entries, self.missing = _existing_images(
+            self.coco, self.image_root, ids, "skipped, and left out of the metrics"
+        )
+
+    @property
+    def num_missing(self) -> int:
+        """Images listed in the annotation file but missing on disk (:attr:`missing` names them)."""
+        return len(self.missing)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -438,6 +445,7 @@ class DetectionDataset(Dataset):
         tensor, resized = test_transform(pil, self.cfg)
         info = {
             "image_id": image_id,
+            "index": index,
             "file": str(path),
             "original_size": (json_wh[1], json_wh[0]),
             "loaded_size": (pil.height, pil.width),
@@ -448,6 +456,113 @@ class DetectionDataset(Dataset):
     def collate(self, batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[tuple[int, int]], list[dict]]:
         """``[(image, info)]`` -> ``(images [B, 3, H, W] zero-padded, image_sizes [(h, w)], infos)``."""
         return collate_detection(batch, self.cfg.size_divisibility)
+
+    def padded_sizes(self) -> list[tuple[int, int]]:
+        """The network input size ``(H, W)`` of each item alone (resized, then padded to
+        ``size_divisibility``), from the annotation file's sizes, without reading any image."""
+        cfg = self.cfg
+        sizes = []
+        for _, _, (w, h) in self.entries:
+            ow, oh = resize_size(w, h, cfg.min_size, cfg.max_size)
+            sizes.append(padded_size(oh, ow, cfg.size_divisibility))
+        return sizes
+
+
+class ImageFiles(Dataset):
+    """Image files to run a model on (``glip predict``), transformed as the reference test transform.
+
+    Item ``i`` is ``(image, info)``: ``image`` float32 ``[3, h, w]`` and ``info`` = ``{"index": i,
+    "file", "loaded_size": (H, W) of the decoded image (EXIF orientation applied with
+    ``exif="apply"``), "resized_size": (h, w)}``; for a file that cannot be read ``image`` is None
+    and ``info["error"]`` says why (one bad file does not stop a run, in loader workers neither).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], cfg: InputConfig, *, exif: ExifMode = "apply") -> None:
+        self.paths = [Path(p) for p in paths]
+        self.cfg = cfg
+        self.exif = exif
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, dict]:
+        path = self.paths[index]
+        try:
+            pil = load_image(path, exif=self.exif)
+        except DataError as e:
+            return None, {"index": index, "file": str(path), "error": str(e)}
+        tensor, resized = test_transform(pil, self.cfg)
+        return tensor, {"index": index, "file": str(path), "loaded_size": (pil.height, pil.width), "resized_size": resized}
+
+    def collate(self, batch: list[tuple[torch.Tensor | None, dict]]) -> tuple[torch.Tensor | None, list[tuple[int, int]], list[dict]]:
+        """``(images [b, 3, H, W] zero-padded or None, image_sizes [(h, w)], infos)``: ``infos`` of
+        every item, ``images`` / ``image_sizes`` of those without an ``"error"``, in that order."""
+        good = [image for image, _ in batch if image is not None]
+        images, sizes = pad_batch(good, self.cfg.size_divisibility) if good else (None, [])
+        return images, sizes, [info for _, info in batch]
+
+    def padded_sizes(self) -> list[tuple[int, int] | None]:
+        """The network input size of each file alone, from its header (no decoding); None for a
+        file that cannot be opened (its item will carry the error)."""
+        cfg = self.cfg
+        sizes: list[tuple[int, int] | None] = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as opened:
+                    w, h = opened.size
+                    if self.exif != "ignore" and exif_orientation(opened) in _SWAPPING_ORIENTATIONS:
+                        w, h = h, w
+            except Exception:  # noqa: BLE001 - unreadable here means an error item later
+                sizes.append(None)
+                continue
+            ow, oh = resize_size(w, h, cfg.min_size, cfg.max_size)
+            sizes.append(padded_size(oh, ow, cfg.size_divisibility))
+        return sizes
+
+
+class SizeGroupedBatchSampler(Sampler):
+    """Batches of items that share a key (the padded input size), so that no image of a batch is
+    padded beyond its own size and every result equals the batch-1 result.
+
+    Items are taken in dataset order; each goes to its key's open batch, which is emitted when it
+    holds ``batch_size`` items (so batches come out roughly in dataset order, and few are open at a
+    time); the incomplete ones follow at the end, in the order they were opened.
+    """
+
+    def __init__(self, keys: Sequence[Hashable], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"SizeGroupedBatchSampler: batch_size must be >= 1, got {batch_size}")
+        self.keys = list(keys)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        open_batches: dict[Hashable, list[int]] = {}
+        for index, key in enumerate(self.keys):
+            batch = open_batches.setdefault(key, [])
+            batch.append(index)
+            if len(batch) == self.batch_size:
+                del open_batches[key]
+                yield batch
+        yield from open_batches.values()
+
+    def __len__(self) -> int:
+        counts: dict[Hashable, int] = {}
+        for key in self.keys:
+            counts[key] = counts.get(key, 0) + 1
+        return sum(-(-n // self.batch_size) for n in counts.values())
+
+
+def default_workers(device: torch.device | str = "cpu") -> int:
+    """Image loading processes that keep ``device`` fed on this machine: one on a CPU (decoding is
+    small next to the CPU forward, and a second process overlaps it), up to 8 on a GPU (one core
+    left for the main process)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if torch.device(device).type == "cuda":
+        return max(1, min(8, cpus - 1))
+    return 1 if cpus > 1 else 0
 
 
 def collate_detection(
@@ -508,7 +623,7 @@ class TrainingDataset(Dataset):
         self.epoch = 0
         self.exif = exif
         by_image = self.coco.annotations_by_image
-        entries = _existing_images(self.coco, self.image_root, image_ids)
+        entries, _ = _existing_images(self.coco, self.image_root, image_ids, "not trained on")
         self.annotations = {
             image_id: [a for a in by_image[image_id] if not a.get("iscrowd", 0)] for image_id, _, _ in entries
         }
@@ -554,33 +669,32 @@ class TrainingDataset(Dataset):
 
 
 def make_loader(
-    dataset: DetectionDataset | TrainingDataset,
+    dataset: DetectionDataset | TrainingDataset | ImageFiles,
     batch_size: int = 1,
     workers: int = 0,
     *,
     shuffle: bool = False,
     seed: int | None = None,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding ``(images [B, 3, H, W], image_sizes [(h, w)], infos_or_targets)``.
 
-    ``shuffle`` (for training) draws the order from a generator seeded with ``seed``.
+    Inference datasets (:class:`DetectionDataset`, :class:`ImageFiles`; not shuffled) are batched
+    by padded size (:class:`SizeGroupedBatchSampler`): detections do not depend on ``batch_size``. ``shuffle``
+    (for training) draws the order from a generator seeded with ``seed``. ``workers`` processes
+    decode, resize and normalise the images while the model runs; ``pin_memory`` for CUDA.
     """
     if batch_size < 1:
         raise ValueError(f"make_loader: batch_size must be >= 1, got {batch_size}")
     if workers < 0:
         raise ValueError(f"make_loader: workers must be >= 0, got {workers}")
+    common = dict(num_workers=workers, collate_fn=dataset.collate, pin_memory=pin_memory, persistent_workers=False)
+    if isinstance(dataset, (DetectionDataset, ImageFiles)) and not shuffle:
+        sampler = SizeGroupedBatchSampler(dataset.padded_sizes(), batch_size)
+        return DataLoader(dataset, batch_sampler=sampler, **common)
     generator = None
     if shuffle and seed is not None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=workers,
-        collate_fn=dataset.collate,
-        generator=generator,
-        drop_last=drop_last,
-        persistent_workers=False,
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last, **common)

@@ -19,120 +19,29 @@ covers (the *positive map*). This module reproduces the official evaluation
 Beyond the reference: a caption never silently exceeds BERT's 256 tokens (automatic chunking,
 or :class:`PromptError`), and a category that maps to no token is reported by name.
 
-Everything here is a pure function of its arguments (the tokenizer loader caches).
+Everything here is a pure function of its arguments; the tokenizer itself is loaded by
+:mod:`glip_transfer.tokenizer`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
-MAX_QUERY_LEN = 256
-"""Token positions of the language model input (``MODEL.LANGUAGE_BACKBONE.MAX_QUERY_LEN``)."""
+from .config import MAX_QUERY_LEN, ConfigError, load_yaml
 
 SEPARATOR = ". "
 """``DATASETS.SEPARATION_TOKENS`` of every released GLIP config."""
 
-DEFAULT_TOKENIZER = "bert-base-uncased"
-BERT_VOCAB_SIZE = 30522
-
 
 class PromptError(ValueError):
     """A prompt, phrase, prompt file or tokenizer problem; the message says what and how to fix it."""
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def _tokenizer_fix(name: str) -> str:
-    return (
-        f"pass --tokenizer DIR (a folder with bert-base-uncased's vocab.txt) or set GLIP_TOKENIZER=DIR"
-        if name == DEFAULT_TOKENIZER
-        else "pass --tokenizer DIR with a vocab.txt (bert-base-uncased's), or a Hugging Face hub id"
-    )
-
-
-def _hub_reachable() -> bool:
-    """A quick DNS look-up of the hub, so that an offline machine fails at once instead of retrying."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return False
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(name_or_dir: str):
-    """A fast BERT tokenizer: a local folder with ``vocab.txt`` (or ``tokenizer.json``), a path to
-    such a ``vocab.txt``, or a Hugging Face hub id (``bert-base-uncased``, from the local cache
-    first). Raises :class:`PromptError` (one line naming the tokenizer and the fix) when it
-    cannot be loaded. The result is cached per argument; treat it as read-only.
-    """
-    from transformers import AutoTokenizer, BertTokenizerFast
-
-    from .text_encoders import is_packaged, packaged_dir
-
-    name = str(name_or_dir)
-    path = Path(name).expanduser()
-    if is_packaged(name):  # an installed encoder package's folder (glip-nano's MiniLM)
-        path = packaged_dir(name)
-    tokenizer = None
-    if path.is_file():
-        if path.name != "vocab.txt":
-            raise PromptError(f"tokenizer {name!r} is a file but not a vocab.txt: {_tokenizer_fix(name)}")
-        path = path.parent
-    if path.is_dir():
-        if not ((path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()):
-            raise PromptError(f"tokenizer folder {name!r} has no vocab.txt: {_tokenizer_fix(name)}")
-        try:
-            # transformers 5: BertTokenizer(vocab_file=...) ignores the file; from_pretrained reads it
-            tokenizer = BertTokenizerFast.from_pretrained(str(path))
-        except Exception as e:  # noqa: BLE001 - any loader failure becomes one line
-            raise PromptError(f"tokenizer folder {name!r} could not be read ({_first_line(e)}): {_tokenizer_fix(name)}") from None
-    elif name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.altsep and os.altsep in name):
-        raise PromptError(f"tokenizer folder {name!r} does not exist: {_tokenizer_fix(name)}")
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:  # noqa: BLE001 - not in the local cache: try the hub if it can be reached
-            if not _hub_reachable():
-                raise PromptError(
-                    f"tokenizer {name!r} is not a folder here nor in the local Hugging Face cache, and the hub cannot be reached: {_tokenizer_fix(name)}"
-                ) from None
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name)
-            except Exception as e:  # noqa: BLE001
-                raise PromptError(f"tokenizer {name!r} could not be loaded ({_first_line(e)}): {_tokenizer_fix(name)}") from None
-    if not getattr(tokenizer, "is_fast", False):
-        raise PromptError(f"tokenizer {name!r} is not a fast tokenizer (char_to_token needs one): {_tokenizer_fix(name)}")
-    size = len(tokenizer)
-    if size < 1000:
-        raise PromptError(f"tokenizer {name!r} has only {size} tokens, not BERT's vocabulary: {_tokenizer_fix(name)}")
-    if size != BERT_VOCAB_SIZE:
-        warnings.warn(
-            f"tokenizer {name!r} has {size} tokens, GLIP's BERT has {BERT_VOCAB_SIZE}: token ids may not match the checkpoint",
-            stacklevel=2,
-        )
-    return tokenizer
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
 
 
 # --------------------------------------------------------------------------- names and categories
@@ -176,7 +85,9 @@ def as_categories(categories: Any) -> list[tuple[Any, str]]:
             elif hasattr(entry, "id") and hasattr(entry, "name"):
                 items.append((entry.id, entry.name))
             else:
-                raise PromptError(f"categories[{i}]: expected a name, an (id, name) pair or an {{id, name}} entry, got {entry!r}")
+                raise PromptError(
+                    f"categories[{i}]: expected a name, an (id, name) pair or an {{id, name}} entry, got {entry!r}"
+                )
     for cid, name in items:
         if not isinstance(name, str):
             raise PromptError(f"category {cid!r}: the name must be text, got {name!r}")
@@ -238,7 +149,9 @@ def parse_prompt_entries(data: Any, where: str = "prompts") -> dict[Any, Categor
     if isinstance(data, Mapping):
         unknown = sorted(set(data) - {"categories", "description", "source"})
         if unknown:
-            raise PromptError(f"{where}: unknown key {unknown[0]!r} (a prompt file has 'categories', 'description', 'source')")
+            raise PromptError(
+                f"{where}: unknown key {unknown[0]!r} (a prompt file has 'categories', 'description', 'source')"
+            )
         entries = data.get("categories")
         if entries is None:
             raise PromptError(f"{where}: no 'categories' list (add categories: [{{id: 1, override: ...}}])")
@@ -279,8 +192,6 @@ def parse_prompt_entries(data: Any, where: str = "prompts") -> dict[Any, Categor
 
 def load_prompt_file(path: str | os.PathLike) -> dict[Any, CategoryPrompt]:
     """Read a prompt YAML (format in ``prompts/README.md``) -> ``{category id: CategoryPrompt}``."""
-    from .config import ConfigError, load_yaml
-
     try:
         data = load_yaml(path)
     except ConfigError as e:
@@ -465,7 +376,9 @@ def positive_map(
     ``warnings.warn``; a token past ``max_len`` raises :class:`PromptError`."""
     encodings = getattr(tokenized_encoding, "encodings", None)
     if encodings is not None and len(encodings) != 1:
-        raise PromptError(f"positive_map takes the encoding of one caption, got a batch of {len(encodings)}: pass encoding[i]")
+        raise PromptError(
+            f"positive_map takes the encoding of one caption, got a batch of {len(encodings)}: pass encoding[i]"
+        )
     matrix = torch.zeros((len(spans_per_label), max_len), dtype=torch.float32)
     for row, spans in enumerate(spans_per_label):
         for start, end in spans:
@@ -617,7 +530,8 @@ def split_to_fit(
         if not fits(cats[start:end]):
             cid, name = cats[start]
             raise PromptError(
-                f"category {name!r} (id {cid!r}) alone is more than {max_len} tokens: shorten its name or caption prompt"
+                f"category {name!r} (id {cid!r}) alone is more than {max_len} tokens: shorten its name or caption "
+                "prompt"
             )
         groups.append(cats[start:end])
         start = end
@@ -651,13 +565,19 @@ def build_detection_prompt(
     if drop_background_entries:
         cats, dropped = drop_background(cats)
         if dropped:
-            notices.append(f"left out {len(dropped)} background entr{'y' if len(dropped) == 1 else 'ies'} (name __background__ or id 0): {', '.join(repr(d) for d in dropped)}")
+            notices.append(
+                f"left out {len(dropped)} background entr{'y' if len(dropped) == 1 else 'ies'} (name __background__ "
+                f"or id 0): {', '.join(repr(d) for d in dropped)}"
+            )
     if not cats:
         raise PromptError("no categories to build a prompt from")
     ids = {cid for cid, _ in cats}
     stray = [cid for cid in prompts if cid not in ids]
     if stray:
-        raise PromptError(f"prompt entry for category id {stray[0]!r}, which is not a category here (ids: {_id_range(cats)}): fix the prompt file's ids")
+        raise PromptError(
+            f"prompt entry for category id {stray[0]!r}, which is not a category here (ids: {_id_range(cats)}): fix "
+            "the prompt file's ids"
+        )
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise PromptError(f"chunk size must be a whole number >= 1, got {chunk_size!r}")
@@ -674,7 +594,9 @@ def build_detection_prompt(
             continue
         parts = split_to_fit(tokenizer, group, prompts, max_len, separator)
         groups.extend(parts)
-        what = "the categories" if chunk_size is None else f"a chunk of {len(group)} categories (ids {_id_range(group)})"
+        what = (
+            "the categories" if chunk_size is None else f"a chunk of {len(group)} categories (ids {_id_range(group)})"
+        )
         sizes = [len(p) for p in parts]
         sizes_text = ", ".join(map(str, sizes)) if len(sizes) <= 4 else f"{min(sizes)} to {max(sizes)}"
         notices.append(
@@ -721,7 +643,9 @@ def phrase_caption(prompt: str, phrases: Sequence[str] | None = None) -> Caption
             if start < 0:
                 match = re.search(re.escape(phrase), prompt, flags=re.IGNORECASE)
                 if match is None:
-                    raise PromptError(f"--phrase {phrase!r} is not in the prompt {prompt!r}: each phrase must be a part of the prompt")
+                    raise PromptError(
+                        f"--phrase {phrase!r} is not in the prompt {prompt!r}: each phrase must be a part of the prompt"
+                    )
                 start, end = match.start(), match.end()
             else:
                 end = start + len(phrase)
@@ -740,7 +664,9 @@ def phrase_caption(prompt: str, phrases: Sequence[str] | None = None) -> Caption
     return Caption(prompt, tuple(out))
 
 
-def phrase_prompt(tokenizer, prompt: str, phrases: Sequence[str] | None = None, max_len: int = MAX_QUERY_LEN, warn: bool = True) -> PromptChunk:
+def phrase_prompt(
+    tokenizer, prompt: str, phrases: Sequence[str] | None = None, max_len: int = MAX_QUERY_LEN, warn: bool = True
+) -> PromptChunk:
     """:func:`phrase_caption` with its positive map, checked against ``max_len`` tokens."""
     caption = phrase_caption(prompt, phrases)
     n = token_count(tokenizer, caption.text)

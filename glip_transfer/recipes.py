@@ -15,11 +15,25 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, from_dict, load_yaml
+import yaml
+
+from .config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from .prompts import (
+    DetectionPrompt,
+    PromptError,
+    as_categories,
+    build_caption,
+    build_detection_prompt,
+    drop_background,
+    is_background,
+    load_prompt_file,
+    sort_categories,
+)
 
 FROM_ANNOTATIONS = "from_annotations"
 METRICS = ("coco", "lvis_fixed_ap", "lvis")
@@ -56,7 +70,9 @@ class FewShotFiles:
     def ann_file(self, split: str, shot: int, seed: int) -> str:
         pattern = getattr(self, f"{split}_ann_file", None)
         if pattern is None:
-            raise RecipeError(f"few_shot: no prepared {split} subsets (splits with them: {', '.join(self.splits) or 'none'})")
+            raise RecipeError(
+                f"few_shot: no prepared {split} subsets (splits with them: {', '.join(self.splits) or 'none'})"
+            )
         return pattern.format(shot=shot, seed=seed)
 
     @property
@@ -71,13 +87,39 @@ class Category:
 
 
 @dataclass
-class Evaluation:
+class EvaluationConfig:
+    """How a model is evaluated on a dataset: the one set of settings that ``glip zeroshot eval``
+    and validation / test in ``glip finetune`` share (a recipe's ``evaluation:`` section, then
+    ``--set evaluation.KEY=VALUE``). Thresholds (``model.postprocess.*``) are the model's; both
+    commands record the settings in force in their provenance."""
+
     split: str = "val"
     min_size: int = 800  # INPUT.MIN_SIZE_TEST
     max_size: int = 1333  # INPUT.MAX_SIZE_TEST
     detections_per_img: int = 100
     chunk_size: int | None = None  # TEST.CHUNKED_EVALUATION; None = one caption (chunked only if too long)
     metric: str = "coco"  # coco | lvis_fixed_ap | lvis
+    batch_size: int | None = None  # images per forward: None = 1 on a CPU, 4 on CUDA (results do not depend on it)
+    amp: bool = False  # CUDA mixed precision (bf16 where supported, else fp16); a CPU stays float32
+
+    def batch_size_on(self, device) -> int:
+        """The batch size in force on ``device`` (a ``torch.device`` or its name)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 4 if str(getattr(device, "type", device)).startswith("cuda") else 1
+
+    def model_overrides(self) -> list[str]:
+        """The model settings (``--set model.*`` form, prefix removed) that evaluate as this says:
+        the test resize and the detections kept per image."""
+        return [
+            f"input.min_size={self.min_size}",
+            f"input.max_size={self.max_size}",
+            f"postprocess.detections_per_img={self.detections_per_img}",
+        ]
+
+
+Evaluation = EvaluationConfig
+"""The earlier name of :class:`EvaluationConfig`."""
 
 
 @dataclass
@@ -171,7 +213,7 @@ class Recipe:
     aliases: list[str] = field(default_factory=list)
     few_shot: FewShotFiles | None = None
     prompts: str | None = None  # prompt file: a path, or a name in prompts_dir()
-    evaluation: Evaluation = field(default_factory=Evaluation)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tuning: Tuning | None = None
     weights: str | None = None  # default --weights of the commands (a file or a weights name, e.g. glip-nano)
     synthetic: Synthetic | None = None
@@ -262,7 +304,10 @@ def parse_recipe(data: dict, where: str = "recipe", path: str | None = None) -> 
     raw_categories = data.get("categories")
     if isinstance(raw_categories, str):
         if raw_categories != FROM_ANNOTATIONS:
-            raise RecipeError(f"{where}: categories: {raw_categories!r} is not a list; write a list of {{id, name}} or '{FROM_ANNOTATIONS}'")
+            raise RecipeError(
+                f"{where}: categories: {raw_categories!r} is not a list; write a list of {{id, name}} or "
+                f"'{FROM_ANNOTATIONS}'"
+            )
         categories: Any = FROM_ANNOTATIONS
     elif isinstance(raw_categories, list):
         categories = []
@@ -279,12 +324,18 @@ def parse_recipe(data: dict, where: str = "recipe", path: str | None = None) -> 
         seen: dict[int, int] = {}
         for i, cat in enumerate(categories):
             if cat.id in seen:
-                raise RecipeError(f"{where}: categories[{i}]: id {cat.id} repeats categories[{seen[cat.id]}]; ids must be unique")
+                raise RecipeError(
+                    f"{where}: categories[{i}]: id {cat.id} repeats categories[{seen[cat.id]}]; ids must be unique"
+                )
             seen[cat.id] = i
         if not categories:
-            raise RecipeError(f"{where}: categories is empty; list the dataset's categories or write '{FROM_ANNOTATIONS}'")
+            raise RecipeError(
+                f"{where}: categories is empty; list the dataset's categories or write '{FROM_ANNOTATIONS}'"
+            )
     else:
-        raise RecipeError(f"{where}: categories: expected a list of {{id, name}} or '{FROM_ANNOTATIONS}', got {raw_categories!r}")
+        raise RecipeError(
+            f"{where}: categories: expected a list of {{id, name}} or '{FROM_ANNOTATIONS}', got {raw_categories!r}"
+        )
     data["categories"] = []
     splits = data.get("splits")
     if not isinstance(splits, dict) or not splits:
@@ -349,8 +400,17 @@ def _parse_tuning(raw: Any, where: str) -> Tuning:
     for shot, n in tuning.few_shot_copies.items():
         if isinstance(shot, str) and shot.strip().isdigit():  # keys of a JSON round trip
             shot = int(shot)
-        if isinstance(shot, bool) or not isinstance(shot, int) or isinstance(n, bool) or not isinstance(n, int) or shot < 1 or n < 1:
-            raise RecipeError(f"{where}: few_shot_copies: expected {{shots: copies}} of whole numbers >= 1, got {shot!r}: {n!r}")
+        if (
+            isinstance(shot, bool)
+            or not isinstance(shot, int)
+            or isinstance(n, bool)
+            or not isinstance(n, int)
+            or shot < 1
+            or n < 1
+        ):
+            raise RecipeError(
+                f"{where}: few_shot_copies: expected {{shots: copies}} of whole numbers >= 1, got {shot!r}: {n!r}"
+            )
         copies[shot] = n
     tuning.few_shot_copies = copies
     return tuning
@@ -359,11 +419,20 @@ def _parse_tuning(raw: Any, where: str) -> Tuning:
 def _validate(recipe: Recipe, where: str) -> None:
     ev = recipe.evaluation
     if ev.split not in recipe.splits:
-        raise RecipeError(f"{where}: evaluation.split {ev.split!r} is not in splits ({', '.join(recipe.splits)}); add it or pick one of them")
+        raise RecipeError(
+            f"{where}: evaluation.split {ev.split!r} is not in splits ({', '.join(recipe.splits)}); add it or pick "
+            "one of them"
+        )
     if ev.min_size < 1 or ev.max_size < ev.min_size:
-        raise RecipeError(f"{where}: evaluation: min_size {ev.min_size} / max_size {ev.max_size}: need 1 <= min_size <= max_size")
+        raise RecipeError(
+            f"{where}: evaluation: min_size {ev.min_size} / max_size {ev.max_size}: need 1 <= min_size <= max_size"
+        )
     if ev.detections_per_img < 1:
         raise RecipeError(f"{where}: evaluation.detections_per_img must be >= 1, got {ev.detections_per_img}")
+    if ev.batch_size is not None and ev.batch_size < 1:
+        raise RecipeError(
+            f"{where}: evaluation.batch_size must be >= 1 or null (1 on a CPU, 4 on CUDA), got {ev.batch_size}"
+        )
     if ev.chunk_size is not None and ev.chunk_size < 1:
         raise RecipeError(f"{where}: evaluation.chunk_size must be >= 1 or null, got {ev.chunk_size}")
     if ev.metric not in METRICS:
@@ -378,7 +447,9 @@ def _validate(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"{where}: tuning: split {split!r} is not in splits ({', '.join(recipe.splits)})")
         for name, mode in tuning.modes.items():
             if mode.trains not in TRAINS:
-                raise RecipeError(f"{where}: tuning.modes.{name}.trains {mode.trains!r}: choose one of {', '.join(TRAINS)}")
+                raise RecipeError(
+                    f"{where}: tuning.modes.{name}.trains {mode.trains!r}: choose one of {', '.join(TRAINS)}"
+                )
             if mode.lr <= 0 or mode.weight_decay < 0:
                 raise RecipeError(f"{where}: tuning.modes.{name}: lr must be > 0 and weight_decay >= 0")
         if tuning.batch_size < 1 or tuning.max_epochs < 1:
@@ -387,7 +458,9 @@ def _validate(recipe: Recipe, where: str) -> None:
         for split in recipe.few_shot.splits:
             pattern = getattr(recipe.few_shot, f"{split}_ann_file")
             if "{shot}" not in pattern or "{seed}" not in pattern:
-                raise RecipeError(f"{where}: few_shot.{split}_ann_file needs {{shot}} and {{seed}} in it, got {pattern!r}")
+                raise RecipeError(
+                    f"{where}: few_shot.{split}_ann_file needs {{shot}} and {{seed}} in it, got {pattern!r}"
+                )
             if split not in recipe.splits:
                 raise RecipeError(f"{where}: few_shot.{split}_ann_file: split {split!r} is not in splits")
     if recipe.prompts is not None:
@@ -415,8 +488,6 @@ def _validate(recipe: Recipe, where: str) -> None:
 def _read_yaml(path: str | os.PathLike) -> dict:
     """:func:`~glip_transfer.config.load_yaml` (same checks and one-line errors), with libyaml's
     safe loader when available: listing every recipe stays fast."""
-    import yaml
-
     loader = getattr(yaml, "CSafeLoader", None)
     if loader is not None:
         try:
@@ -439,7 +510,11 @@ def read_recipe_file(path: str | os.PathLike) -> Recipe:
 
 
 def _recipe_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.yaml") if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*.yaml")
+        if not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -479,7 +554,9 @@ def find_recipe(name_or_path: str) -> Path:
         raise RecipeError(f"recipe file {text!r} not found: check the path, or give a recipe name (glip recipes list)")
     close = difflib.get_close_matches(text.lower(), list(index), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise RecipeError(f"unknown recipe {text!r}: `glip recipes list` shows the names (or pass a recipe YAML path){hint}")
+    raise RecipeError(
+        f"unknown recipe {text!r}: `glip recipes list` shows the names (or pass a recipe YAML path){hint}"
+    )
 
 
 def load_recipe(name_or_path: str) -> Recipe:
@@ -515,13 +592,14 @@ def resolve_prompt_file(recipe: Recipe) -> Path | None:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise RecipeError(f"{where}: prompts: file {recipe.prompts!r} not found (looked in {', '.join(str(c.parent) for c in candidates)}); fix the name or set GLIP_PROMPTS_DIR")
+    raise RecipeError(
+        f"{where}: prompts: file {recipe.prompts!r} not found (looked in "
+        f"{', '.join(str(c.parent) for c in candidates)}); fix the name or set GLIP_PROMPTS_DIR"
+    )
 
 
 def recipe_prompts(recipe: Recipe) -> dict:
     """``{category id: CategoryPrompt}`` of the recipe's prompt file ({} without one)."""
-    from .prompts import PromptError, load_prompt_file
-
     path = resolve_prompt_file(recipe)
     if path is None:
         return {}
@@ -536,8 +614,6 @@ def resolve_categories(recipe: Recipe, annotation_categories: Any = None) -> lis
     for ``categories: from_annotations``, the annotation file's. With both, every recipe id must be
     in the annotation file (raises otherwise); annotation categories missing from the recipe are
     not prompted (as the official override) and are returned by :func:`categories_not_in_recipe`."""
-    from .prompts import as_categories
-
     if recipe.categories_from_annotations:
         if annotation_categories is None:
             recipe.category_list()  # raises the explanatory error
@@ -556,19 +632,21 @@ def resolve_categories(recipe: Recipe, annotation_categories: Any = None) -> lis
 
 def categories_not_in_recipe(recipe: Recipe, annotation_categories: Any) -> list[tuple[Any, str]]:
     """Annotation categories that the recipe does not list (their boxes cannot be detected)."""
-    from .prompts import as_categories, is_background
-
     if recipe.categories_from_annotations:
         return []
     ids = {c.id for c in recipe.categories}
-    return [(cid, name) for cid, name in as_categories(annotation_categories) if cid not in ids and not is_background(cid, name)]
+    return [
+        (cid, name)
+        for cid, name in as_categories(annotation_categories)
+        if cid not in ids and not is_background(cid, name)
+    ]
 
 
-def evaluation_prompt(recipe: Recipe, tokenizer, annotation_categories: Any = None, warn: bool = True):
+def evaluation_prompt(
+    recipe: Recipe, tokenizer, annotation_categories: Any = None, warn: bool = True
+) -> DetectionPrompt:
     """The exact evaluation prompt(s) of a recipe: a :class:`~glip_transfer.prompts.DetectionPrompt`
     (its ``caption_or_captions`` is the caption, or the list of captions when chunked)."""
-    from .prompts import PromptError, build_detection_prompt
-
     categories = resolve_categories(recipe, annotation_categories)
     try:
         return build_detection_prompt(
@@ -586,8 +664,6 @@ def evaluation_captions(recipe: Recipe, tokenizer, annotation_categories: Any = 
 def untokenized_captions(recipe: Recipe, annotation_categories: Any = None) -> str | list[str]:
     """The evaluation caption(s) built without a tokenizer: equal to :func:`evaluation_captions`
     unless a caption would exceed 256 tokens (which only a tokenizer can tell)."""
-    from .prompts import as_categories, build_caption, drop_background, sort_categories
-
     cats, _ = drop_background(sort_categories(as_categories(resolve_categories(recipe, annotation_categories))))
     prompts = recipe_prompts(recipe)
     size = recipe.evaluation.chunk_size
@@ -598,8 +674,6 @@ def untokenized_captions(recipe: Recipe, annotation_categories: Any = None) -> s
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     """The recipe as plain data (JSON-ready)."""
-    from .config import to_dict
-
     data = to_dict(recipe)
     if recipe.categories_from_annotations:
         data["categories"] = FROM_ANNOTATIONS
@@ -624,9 +698,11 @@ def ensure_data(recipe: Recipe, data_root: str | os.PathLike, notify=None) -> bo
 
     out = Path(data_root) / syn.folder
     if read_manifest(out) is None:
-        from .commands.common import err_console, progress_bar
+        from rich.console import Console
 
-        notify = notify or (lambda text: err_console.print(text, highlight=False, soft_wrap=True))
+        from .runtime import progress_bar
+
+        notify = notify or (lambda text: Console(stderr=True).print(text, highlight=False, soft_wrap=True))
         with progress_bar(transient=True) as bar:
             task = bar.add_task(f"synth {syn.split}", total=None, info="")
             try:
@@ -640,18 +716,78 @@ def ensure_data(recipe: Recipe, data_root: str | os.PathLike, notify=None) -> bo
         raise RecipeError(f"recipe {recipe.name}: {e}") from None
 
 
+def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """The recipe with ``--set`` overrides of its own keys (``evaluation.min_size=600``) applied
+    and validated again."""
+    if not overrides:
+        return recipe
+    data = {k: v for k, v in recipe_to_dict(recipe).items() if k != "path"}
+    return parse_recipe(apply_overrides(data, overrides), where=f"--set on {recipe.name}", path=recipe.path)
+
+
+def adhoc_recipe(splits: dict[str, tuple[Path, Path]], eval_split: str = "val") -> Recipe:
+    """A recipe for a COCO dataset given by files (``--ann`` / ``--images`` and friends):
+    ``{split: (annotation file, image folder)}``, named after the first annotation file, its
+    categories from the annotation file. Paths are made absolute, so ``--data-root`` never applies."""
+    ann, _ = next(iter(splits.values()))
+    data = {
+        "name": ann.stem,
+        "splits": {
+            split: {"ann_file": str(a.resolve()), "img_dir": str(i.resolve())} for split, (a, i) in splits.items()
+        },
+        "categories": FROM_ANNOTATIONS,
+        "evaluation": {"split": eval_split},
+    }
+    return parse_recipe(data, where=str(ann))
+
+
 def split_paths(recipe: Recipe, split: str | None, data_root: str | os.PathLike, notify=None) -> tuple[Path, Path]:
-    """The annotation file and image folder of ``split`` (default: the evaluation split) under
-    ``data_root`` (absolute paths in the recipe are kept), both checked to exist; a synthetic
-    recipe's data is rendered there first when missing (:func:`ensure_data`)."""
-    files = recipe.split(split)
+    """The annotation file and image folder of ``split`` (default: the evaluation split): a
+    recipe's relative paths are under ``data_root``, absolute ones are taken as they are; a
+    synthetic recipe's data is rendered there first when missing (:func:`ensure_data`).
+    ``FileNotFoundError`` (one line naming the path and ``--data-root``, and the download command
+    of an ODinW recipe) when either is missing."""
     split = split or recipe.evaluation.split
+    files = recipe.split(split)
     ensure_data(recipe, data_root, notify)
-    root = Path(data_root)
-    ann = Path(files.ann_file) if Path(files.ann_file).is_absolute() else root / files.ann_file
-    img = Path(files.img_dir) if Path(files.img_dir).is_absolute() else root / files.img_dir
-    if not ann.is_file():
-        raise FileNotFoundError(f"{ann}: {split} annotation file of {recipe.name} not found; check --data-root (now {data_root})")
-    if not img.is_dir():
-        raise FileNotFoundError(f"{img}: {split} image folder of {recipe.name} not found; check --data-root (now {data_root})")
-    return ann, img
+    data_root = Path(data_root)
+    ann, images = data_root / files.ann_file, data_root / files.img_dir  # an absolute path replaces data_root
+    for path, what, exists in ((ann, "annotation file", ann.is_file()), (images, "image folder", images.is_dir())):
+        if not exists:
+            from .datasets import download_hint  # datasets imports this module: only on the error path
+
+            raise FileNotFoundError(
+                f"{path}: {split} {what} of recipe {recipe.name} not found; check --data-root (now {data_root})"
+                f"{download_hint(recipe, data_root)}"
+            )
+    return ann, images
+
+
+SPLIT_NAMES = ("train", "val", "valid", "validation", "test", "minival", "test-dev", "testdev")
+_GENERIC_NAMES = ("annotations", "annotation", "instances", "labels", "label", "coco")
+
+
+def dataset_name(ann_file: str | os.PathLike, *, with_split: bool = True) -> str:
+    """A folder name for the dataset of an annotation file given without a recipe (``--ann``),
+    from the folders around it rather than the file's own name, which is often generic:
+    ``trees/annotations.json`` -> ``trees``; Roboflow's ``aquarium/valid/_annotations.coco.json``
+    -> ``aquarium_valid`` (``aquarium`` without the split); ``coco/annotations/instances_val2017.json``
+    -> ``coco_instances_val2017``; ``my/val.json`` -> ``my_val``."""
+    path = Path(ann_file).resolve()
+    folder = path.parent
+    stem = path.name[: -len(".json")] if path.name.lower().endswith(".json") else path.stem
+    plain = stem.lower().lstrip("_").removesuffix(".coco")
+    if folder.name.lower() in SPLIT_NAMES:
+        parts = [folder.parent.name] + ([folder.name] if with_split else [])
+    elif folder.name.lower() in _GENERIC_NAMES:
+        parts = [folder.parent.name]
+    else:
+        parts = [folder.name]
+    if plain not in _GENERIC_NAMES and (with_split or plain not in SPLIT_NAMES):
+        parts.append(stem)
+    return safe_name("_".join(p for p in parts if p))
+
+
+def safe_name(name: str) -> str:
+    """A recipe name as a folder name (run folders are named after recipes)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"

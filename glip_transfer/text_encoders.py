@@ -64,8 +64,7 @@ def packaged_dir(name: str) -> Path:
 def packaged_language_state(name: str) -> dict[str, torch.Tensor]:
     """The encoder's weights under the model's key names (``language_backbone.body.model.*``;
     the pooler and ``position_ids`` dropped), after checking the file's sha256."""
-    from .checkpoint import read_safetensors
-    from .training.artifacts import file_sha256
+    from .checkpoint import file_sha256, read_safetensors
 
     encoder = PACKAGED_ENCODERS[name]
     path = packaged_dir(name) / encoder.weights

@@ -8,7 +8,10 @@ bit for bit (see ``../shared/reference/README.md``, "Image preprocessing"):
 2. ``uint8 / 255`` to float32 CHW, channels reordered to BGR, ``* 255``;
 3. ``(x - mean) / std`` per channel (BGR mean/std of :class:`~glip_transfer.config.InputConfig`);
 4. in a batch: zero padding at the bottom/right to a multiple of ``size_divisibility``
-   (:func:`pad_batch`); the unpadded ``(h, w)`` is the size used to clip boxes.
+   (:func:`pad_batch`); the unpadded ``(h, w)`` is the size used to clip boxes. Padding changes
+   the features near the borders, so evaluation batches only images of equal padded size
+   (:func:`padded_size`; ``glip_transfer.data.SizeGroupedBatchSampler``): results do not depend
+   on the batch size.
 
 The float operations are done in the same order as the reference (``/255`` then ``*255`` is *not*
 the identity in float32), so the result is identical, not merely close.
@@ -71,7 +74,8 @@ def to_normalized_tensor(image: Image.Image, cfg: InputConfig) -> torch.Tensor:
     """
     if image.mode != "RGB":
         raise ValueError(
-            f"to_normalized_tensor: expected an RGB image, got mode {image.mode!r}; load it with glip_transfer.data.load_image"
+            f"to_normalized_tensor: expected an RGB image, got mode {image.mode!r}; load it with "
+            "glip_transfer.data.load_image"
         )
     array = np.asarray(image, dtype=np.uint8)  # [h, w, 3]
     x = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
@@ -94,7 +98,18 @@ def test_transform(pil_image: Image.Image, cfg: InputConfig) -> tuple[torch.Tens
 test_transform.__test__ = False  # not a pytest test despite the name
 
 
-def pad_batch(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def padded_size(h: int, w: int, size_divisibility: int = 32) -> tuple[int, int]:
+    """``(h, w)`` rounded up to multiples of ``size_divisibility`` (unchanged when it is 0): the
+    input size of an image in a batch of its own."""
+    if size_divisibility > 0:
+        h = -(-h // size_divisibility) * size_divisibility
+        w = -(-w // size_divisibility) * size_divisibility
+    return h, w
+
+
+def pad_batch(
+    images: Sequence[torch.Tensor], size_divisibility: int = 32
+) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Stack ``[3, h_i, w_i]`` images into one zero-padded batch ``[B, 3, H, W]``.
 
     ``H``/``W`` are the largest ``h_i``/``w_i`` rounded up to a multiple of ``size_divisibility``
@@ -106,12 +121,12 @@ def pad_batch(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> tu
     channels = images[0].shape[0]
     for i, img in enumerate(images):
         if img.dim() != 3 or img.shape[0] != channels:
-            raise ValueError(f"pad_batch: image {i} has shape {tuple(img.shape)}; every image must be [{channels}, h, w]")
-    max_h = max(int(img.shape[1]) for img in images)
-    max_w = max(int(img.shape[2]) for img in images)
-    if size_divisibility > 0:
-        max_h = -(-max_h // size_divisibility) * size_divisibility
-        max_w = -(-max_w // size_divisibility) * size_divisibility
+            raise ValueError(
+                f"pad_batch: image {i} has shape {tuple(img.shape)}; every image must be [{channels}, h, w]"
+            )
+    max_h, max_w = padded_size(
+        max(int(img.shape[1]) for img in images), max(int(img.shape[2]) for img in images), size_divisibility
+    )
     batch = images[0].new_zeros((len(images), channels, max_h, max_w))
     sizes = []
     for i, img in enumerate(images):

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import write_file
+
 
 def label_color(index: int) -> tuple[int, int, int]:
     """A distinct, saturated colour per label (golden-ratio hue steps)."""
@@ -54,6 +56,4 @@ def draw_detections(image: Image.Image, detections: list[dict], label_names: lis
 
 
 def save_png(image: Image.Image, path: str | Path) -> None:
-    from .checkpoint import atomic_write
-
-    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+    write_file(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -83,7 +83,9 @@ class Source:
 
 def _git(path: Path, *args: str, check: bool = True) -> str:
     try:
-        return subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(path), *args], check=True, capture_output=True, text=True
+        ).stdout.strip()
     except (subprocess.CalledProcessError, FileNotFoundError):
         if check:
             raise
@@ -163,7 +165,9 @@ def few_shot_block(register: dict, stem: str) -> list[str]:
         pattern = f"{pattern_dir}/fewshot_{split}_shot{{shot}}_seed{{seed}}.json"
         found = {k for k in register if re.match(rf"^{split}_\d+_\d+$", k)}
         if found != {f"{split}_{n}_{k}" for n in SHOTS for k in SEEDS}:
-            raise SystemExit(f"{stem}: few-shot entries of {split} are not shots {SHOTS} x seeds {SEEDS}: {sorted(found)}")
+            raise SystemExit(
+                f"{stem}: few-shot entries of {split} are not shots {SHOTS} x seeds {SEEDS}: {sorted(found)}"
+            )
         for shot in SHOTS:
             for seed in SEEDS:
                 entry = register[f"{split}_{shot}_{seed}"]
@@ -219,17 +223,29 @@ def odinw_recipe(source: Source, config_path: str, suite: str, aliases: dict[str
     lines.append("categories:")
     for cat in categories:
         lines.append(f"  - {{id: {q(cat['id'])}, name: {q(cat['name'])}}}")
-    return name, "\n".join(lines), {
-        "categories": categories,
-        "register": register,
-        "val_split": val_split,
-        "input": input_cfg,
-        "prompt_entries": prompt_entries,
-        "alias": alias,
-    }
+    return (
+        name,
+        "\n".join(lines),
+        {
+            "categories": categories,
+            "register": register,
+            "val_split": val_split,
+            "input": input_cfg,
+            "prompt_entries": prompt_entries,
+            "alias": alias,
+        },
+    )
 
 
-def finish(lines: list[str], prompt_file: str | None, split: str, input_cfg: dict, detections: int, chunk: int | None, metric: str) -> list[str]:
+def finish(
+    lines: list[str],
+    prompt_file: str | None,
+    split: str,
+    input_cfg: dict,
+    detections: int,
+    chunk: int | None,
+    metric: str,
+) -> list[str]:
     lines = list(lines)
     lines.append(f"prompts: {q(prompt_file)}")
     lines += [
@@ -290,15 +306,25 @@ def main(argv: list[str]) -> int:
                 raw_names = {c["id"]: c["name"] for c in raw}
                 for cat in info["categories"]:
                     if raw_names.get(cat["id"]) not in (None, cat["name"]):
-                        overrides.append({"id": cat["id"], "override": cat["name"], "note": f"annotation file / ODinW-13 name: {raw_names[cat['id']]}"})
+                        overrides.append(
+                            {
+                                "id": cat["id"],
+                                "override": cat["name"],
+                                "note": f"annotation file / ODinW-13 name: {raw_names[cat['id']]}",
+                            }
+                        )
             prompt_file = None
             if prompt_entries or overrides:
                 if prompt_entries and overrides:
                     raise SystemExit(f"{stem}: both caption prompts and overrides; merge them")
                 prompt_file = f"{info['alias'].replace('/', '-')}.yaml"
-                kind = "DATASETS.CAPTION_PROMPT" if prompt_entries else "DATASETS.OVERRIDE_CATEGORY (renamed categories)"
+                kind = (
+                    "DATASETS.CAPTION_PROMPT" if prompt_entries else "DATASETS.OVERRIDE_CATEGORY (renamed categories)"
+                )
                 title = f"ODinW-35 {stem}: the official {kind}"
-                text = prompt_file_text(title, f"{p} {kind.split(' ')[0]} (GLIP {source.commit[:7]})", prompt_entries or overrides)
+                text = prompt_file_text(
+                    title, f"{p} {kind.split(' ')[0]} (GLIP {source.commit[:7]})", prompt_entries or overrides
+                )
                 write(PROMPTS / prompt_file, text)
                 check = yaml.safe_load(text)["categories"]
                 assert check == (prompt_entries or overrides), (check, prompt_entries or overrides)
@@ -312,7 +338,9 @@ def main(argv: list[str]) -> int:
             # round trip: every name, id and path as in the official config
             back = yaml.safe_load(out.read_text(encoding="utf-8"))
             assert back["name"] == name
-            assert [(c["id"], c["name"]) for c in back["categories"]] == [(c["id"], c["name"]) for c in info["categories"]], stem
+            assert [(c["id"], c["name"]) for c in back["categories"]] == [
+                (c["id"], c["name"]) for c in info["categories"]
+            ], stem
             for split, entry in back["splits"].items():
                 assert entry == info["register"][split], (stem, split)
 

@@ -1,4 +1,5 @@
-"""Shared test fixtures: the reference data in ``../shared/reference`` and an offline BERT vocabulary."""
+"""Shared test fixtures: the reference data in ``../shared/reference``, an offline BERT vocabulary,
+and small test-tiny weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+from glip_transfer.checkpoint import save_model
+from glip_transfer.config import variant_config
+from glip_transfer.model.glip import build_glip
+from glip_transfer.tokenizer import load_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("GLIP_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
@@ -43,6 +50,19 @@ def vocab_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(vocab_dir):
-    from glip_transfer.prompts import load_tokenizer
-
     return load_tokenizer(str(vocab_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """``tiny.safetensors``: test-tiny from seed 0 with the token bias ``bias0 = 2``, so that every
+    location scores above the candidate threshold and outputs are never empty; ``tiny.pth`` beside
+    it holds the same weights in the official layout."""
+    torch.manual_seed(0)
+    model = build_glip(variant_config("test-tiny"))
+    with torch.no_grad():
+        model.rpn.head.bias0.fill_(2.0)
+    folder = tmp_path_factory.mktemp("tiny_weights")
+    save_model(model, folder / "tiny.safetensors")
+    torch.save({"model": {"module." + k: v for k, v in model.state_dict().items()}}, folder / "tiny.pth")
+    return folder / "tiny.safetensors"

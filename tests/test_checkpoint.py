@@ -140,3 +140,29 @@ def test_safetensors_round_trip_keeps_config(tmp_path, tiny_model):
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_legacy_format_is_read_without_memory_mapping(tmp_path, tiny_model):
+    """Files written before torch's zip format cannot be memory-mapped: read whole, same weights."""
+    path = tmp_path / "legacy.pth"
+    torch.save({"model": {"module." + k: v for k, v in tiny_model.state_dict().items()}}, path,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    model, report = load_model(path)
+    assert report.ok
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_loaded_model_is_complete_and_float32(tmp_path, tiny_model):
+    """Parameters come from the file (nothing left on the meta device), buffers that no file holds
+    (BERT's position ids) are built, a float16 file is cast back to the model's float32."""
+    from glip_transfer.checkpoint import convert_checkpoint
+
+    path = official_file(tiny_model, tmp_path / "w.pth")
+    half = convert_checkpoint(path, tmp_path / "h.safetensors", half=True).path
+    for source in (path, half):
+        model, _ = load_model(source)
+        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        assert not [k for k, t in tensors.items() if t.is_meta]
+        assert {t.dtype for t in model.parameters()} == {torch.float32}
+        ids = model.language_backbone.body.model.embeddings.position_ids
+        assert torch.equal(ids.flatten()[:5], torch.arange(5))

@@ -15,8 +15,10 @@ from glip_transfer.config import InputConfig
 from glip_transfer.data import (
     DataError,
     DetectionDataset,
+    SizeGroupedBatchSampler,
     TrainingDataset,
     coco_boxes_to_xyxy,
+    default_workers,
     load_coco,
     load_image,
     make_loader,
@@ -176,12 +178,21 @@ def _mutations():
         "ann lacks id": (drop("annotations", "id"), r"annotations\[0\] lacks 'id'"),
         "category lacks name": (drop("categories", "name"), r"categories\[0\] \(id 1\) lacks 'name'"),
         "bad width": (setv("images", "width", 0), "width 0"),
-        "zero box width": (setv("annotations", "bbox", [1, 1, 0, 5], 1), r"annotation id 11 has a bbox with width or height <= 0"),
-        "negative box height": (setv("annotations", "bbox", [1, 1, 5, -2]), "annotation id 10 has a bbox with width or height"),
+        "zero box width": (
+            setv("annotations", "bbox", [1, 1, 0, 5], 1),
+            r"annotation id 11 has a bbox with width or height <= 0",
+        ),
+        "negative box height": (
+            setv("annotations", "bbox", [1, 1, 5, -2]),
+            "annotation id 10 has a bbox with width or height",
+        ),
         "malformed bbox": (setv("annotations", "bbox", [1, 2, 3]), "annotation id 10 has a malformed bbox"),
         "nan bbox": (setv("annotations", "bbox", [1, 2, 3, float("nan")]), "malformed bbox"),
         "unknown image": (setv("annotations", "image_id", 99), "annotation id 10 has an image_id not in 'images'"),
-        "unknown category": (setv("annotations", "category_id", 7, 2), "annotation id 12 has a category_id not in 'categories'"),
+        "unknown category": (
+            setv("annotations", "category_id", 7, 2),
+            "annotation id 12 has a category_id not in 'categories'",
+        ),
         "duplicate image id": (setv("images", "id", 1, 1), r"duplicate image id 1 \(images\[0\] and images\[1\]\)"),
         "duplicate ann id": (setv("annotations", "id", 10, 3), "duplicate annotation id 10"),
         "duplicate category id": (setv("categories", "id", 1, 1), "duplicate category id 1"),
@@ -249,17 +260,41 @@ def test_detection_dataset_and_loader(tmp_path):
     assert info["image_id"] == 1 and info["original_size"] == (30, 40) == info["loaded_size"]
     assert info["resized_size"] == (32, 42) and image.shape == (3, 32, 42)
     assert info["file"].endswith("a.png")
-    images, sizes, infos = next(iter(make_loader(ds, batch_size=2, workers=0)))
+    assert info["index"] == 0 and ds[1][1]["index"] == 1
+    # different padded sizes (32x64 and 64x32): never padded together, whatever the batch size
+    assert ds.padded_sizes() == [(32, 64), (64, 32)]
+    batches = list(make_loader(ds, batch_size=2, workers=0))
+    assert [b[0].shape for b in batches] == [(1, 3, 32, 64), (1, 3, 64, 32)]
+    assert [b[1] for b in batches] == [[(32, 42)], [(48, 32)]] and [b[2][0]["image_id"] for b in batches] == [1, 2]
+    # collate itself still pads a mixed batch to its largest image
+    images, sizes, infos = ds.collate([ds[0], ds[1]])
     assert images.shape == (2, 3, 64, 64) and sizes == [(32, 42), (48, 32)]
-    assert [i["image_id"] for i in infos] == [1, 2]
+
+
+def test_size_grouped_batch_sampler():
+    keys = ["a", "b", "a", "a", "c", "b", "a", "a"]
+    sampler = SizeGroupedBatchSampler(keys, 2)
+    batches = list(sampler)
+    assert batches == [[0, 2], [1, 5], [3, 6], [4], [7]]  # full batches as they fill, then the rest
+    assert len(sampler) == len(batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(keys)))
+    assert all(len({keys[i] for i in b}) == 1 for b in batches)
+    assert list(SizeGroupedBatchSampler(keys, 1)) == [[i] for i in range(len(keys))]
+    with pytest.raises(ValueError):
+        SizeGroupedBatchSampler(keys, 0)
+
+
+def test_default_workers():
+    assert default_workers("cpu") in (0, 1)
+    assert 1 <= default_workers("cuda") <= 8
 
 
 def test_missing_images_skipped_with_warning(tmp_path):
     ann = _write_dataset(tmp_path)
     (tmp_path / "images" / "a.png").unlink()
-    with pytest.warns(UserWarning, match="1 of 2 images not found"):
+    with pytest.warns(UserWarning, match="1 of 2 images listed in .* are missing"):
         ds = DetectionDataset(ann, tmp_path / "images", InputConfig())
-    assert len(ds) == 1 and ds.num_missing == 1
+    assert len(ds) == 1 and ds.num_missing == 1 and ds.missing == ["a.png"]
     with pytest.raises(DataError, match="none of the 2 images was found"):
         DetectionDataset(ann, tmp_path / "elsewhere", InputConfig())
 
@@ -294,7 +329,9 @@ def test_training_dataset_targets(tmp_path):
     oh, ow = target["resized_size"]
     expected = torch.tensor([[4.0, 8.0, 23.0, 37.0]]) * torch.tensor([ow / 32, oh / 48, ow / 32, oh / 48])
     if target["flipped"]:
-        expected = torch.stack([ow - expected[:, 2] - 1, expected[:, 1], ow - expected[:, 0] - 1, expected[:, 3]], dim=1)
+        expected = torch.stack(
+            [ow - expected[:, 2] - 1, expected[:, 1], ow - expected[:, 0] - 1, expected[:, 3]], dim=1
+        )
     assert torch.allclose(target["boxes"], expected)
     # reproducible per (seed, epoch, index), different across epochs eventually
     again = TrainingDataset(ann, tmp_path / "images", transform, seed=5)

@@ -38,8 +38,12 @@ def _border_offsets(batch, h, w, stride, dtype, seed=1):
     g = torch.Generator().manual_seed(seed)
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
     eps = 1e-3
-    targets_y = torch.tensor([-1.0, 0.0, h - 1.0, float(h), -1 + eps, -1 - eps, h - eps, h - 1 + eps, 2.0, -3.0], dtype=dtype)
-    targets_x = torch.tensor([-1.0, 0.0, w - 1.0, float(w), -1 + eps, -1 - eps, w - eps, w - 1 + eps, 1.0, w + 2.0], dtype=dtype)
+    targets_y = torch.tensor(
+        [-1.0, 0.0, h - 1.0, float(h), -1 + eps, -1 - eps, h - eps, h - 1 + eps, 2.0, -3.0], dtype=dtype
+    )
+    targets_x = torch.tensor(
+        [-1.0, 0.0, w - 1.0, float(w), -1 + eps, -1 - eps, w - eps, w - 1 + eps, 1.0, w + 2.0], dtype=dtype
+    )
     ty = targets_y[torch.randint(len(targets_y), (batch, 9, ho, wo), generator=g)]
     tx = targets_x[torch.randint(len(targets_x), (batch, 9, ho, wo), generator=g)]
     tap = torch.arange(9)
@@ -56,7 +60,7 @@ def _grads(fn, inputs, grad_out):
 
 @pytest.fixture(params=[None, 7, 1 << 19], ids=["default-chunk", "chunk-7", "chunk-big"])
 def chunk(request, monkeypatch):
-    """Run with several chunk sizes: 7 values -> 1 position per chunk; (~1 << 19) -> one chunk."""
+    """Run with several chunk sizes: 7 values -> 1 position per chunk; 1 << 19 -> one chunk here."""
     if request.param is not None:
         monkeypatch.setattr(deform, "_CHUNK_VALUES", request.param)
 
@@ -137,3 +141,17 @@ def test_shape_errors():
         modulated_deform_conv3x3(x, offset, mask, weight, bias, 2)
     with pytest.raises(ValueError):
         modulated_deform_conv3x3(x, offset, mask, weight[:, :2], bias, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_channels_last_input(stride):
+    """An input in channels-last memory format (DyConv shares one such copy per level) gives the same
+    result and the same gradients."""
+    inputs = _inputs(9, 7, stride, torch.float64)
+    grad_out = torch.randn(_reference(*inputs, stride).shape, dtype=torch.float64)
+    plain, plain_grads = _grads(lambda *a: modulated_deform_conv3x3(*a, stride), inputs, grad_out)
+    x_cl = inputs[0].contiguous(memory_format=torch.channels_last)
+    last, last_grads = _grads(lambda *a: modulated_deform_conv3x3(*a, stride), (x_cl, *inputs[1:]), grad_out)
+    assert torch.equal(plain, last)
+    for a, b in zip(plain_grads, last_grads):
+        assert torch.equal(a, b)

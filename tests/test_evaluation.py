@@ -37,7 +37,9 @@ def _gt(tmp_path):
         (2, 3, [100, 100, 200, 200]),
         (3, 1, [400, 50, 120, 300]),
     ]
-    anns = [{"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "iscrowd": 0} for k, (i, c, b) in enumerate(boxes)]
+    anns = [
+        {"id": k + 1, "image_id": i, "category_id": c, "bbox": b, "iscrowd": 0} for k, (i, c, b) in enumerate(boxes)
+    ]
     path = tmp_path / "gt.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES}))
     return path
@@ -45,7 +47,10 @@ def _gt(tmp_path):
 
 def _perfect_results(path):
     coco = load_coco(path)
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 0.9} for a in coco.annotations]
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 0.9}
+        for a in coco.annotations
+    ]
 
 
 def test_perfect_predictions_give_ap_one(tmp_path):
@@ -58,7 +63,9 @@ def test_perfect_predictions_give_ap_one(tmp_path):
     assert metrics["num_images"] == 3 and metrics["num_detections"] == 5
     assert "Average Precision" in metrics["log"]
     rows = {r["category_id"]: r for r in metrics["per_category"]}
-    assert rows[1]["AP"] == pytest.approx(1.0) and rows[1]["AP50"] == pytest.approx(1.0) and rows[1]["gt_instances"] == 3
+    assert (
+        rows[1]["AP"] == pytest.approx(1.0) and rows[1]["AP50"] == pytest.approx(1.0) and rows[1]["gt_instances"] == 3
+    )
     assert rows[3]["gt_instances"] == 2 and rows[3]["name"].startswith("a category")
     assert rows[7]["AP"] == -1.0 and rows[7]["gt_instances"] == 0
 
@@ -72,7 +79,9 @@ def test_reference_box_convention_round_trip(tmp_path):
     for image_id, anns in coco.annotations_by_image.items():
         xyxy = coco_boxes_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32))
         labels = torch.tensor([{1: 1, 3: 2}[a["category_id"]] for a in anns])  # contiguous labels
-        results += detections_to_coco(image_id, xyxy, torch.full((len(anns),), 0.8), labels, label_to_category={1: 1, 2: 3})
+        results += detections_to_coco(
+            image_id, xyxy, torch.full((len(anns),), 0.8), labels, label_to_category={1: 1, 2: 3}
+        )
     assert sorted(r["bbox"] for r in results) == sorted([float(v) for v in a["bbox"]] for a in coco.annotations)
     assert coco_evaluate(coco, results)["AP"] == pytest.approx(1.0)
 
@@ -80,7 +89,9 @@ def test_reference_box_convention_round_trip(tmp_path):
 def test_detections_to_coco_conversion():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 5.5, 7.25]])
     out = detections_to_coco(4, boxes, torch.tensor([0.5, 0.25]), torch.tensor([2, 9]), label_to_category={2: 17})
-    assert out == [{"image_id": 4, "category_id": 17, "bbox": [10.0, 20.0, 21.0, 21.0], "score": 0.5}]  # label 9 dropped
+    assert out == [
+        {"image_id": 4, "category_id": 17, "bbox": [10.0, 20.0, 21.0, 21.0], "score": 0.5}
+    ]  # label 9 dropped
     assert detections_to_coco(1, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0)) == []
 
 
@@ -114,7 +125,12 @@ def test_write_results(tmp_path):
     results = _perfect_results(path)
     metrics = coco_evaluate(path, results)
     paths = write_results(tmp_path / "out", results, metrics, metrics["per_category"])
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bbox.json", "metrics.json", "per_category.csv", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "bbox.json",
+        "metrics.json",
+        "per_category.csv",
+        "report.md",
+    ]
     assert json.loads(paths["bbox.json"].read_text()) == results
     saved = json.loads(paths["metrics.json"].read_text())
     assert saved["AP"] == pytest.approx(1.0) and "per_category" not in saved and "log" not in saved
@@ -144,3 +160,26 @@ def test_tables_fit_80_columns(tmp_path):
 def test_lvis_missing_gives_install_hint(tmp_path):
     with pytest.raises(ImportError, match=r"pip install 'glip-transfer\[lvis\]'"):
         lvis_evaluate(tmp_path / "lvis.json", [])
+
+
+def test_more_than_100_objects_per_image_add_ap_and_ar_at_n(tmp_path):
+    """COCO counts 100 detections per image; with max_dets above that, AP@N / AR@N are added and
+    COCO's own twelve numbers do not change."""
+    boxes = [[(i % 15) * 40, (i // 15) * 40, 30, 30] for i in range(150)]
+    images = [{"id": 1, "file_name": "1.jpg", "width": 640, "height": 480}]
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b, "iscrowd": 0} for k, b in enumerate(boxes)]
+    path = tmp_path / "crowd.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES[:1]}))
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - k / 1000} for k, b in enumerate(boxes)
+    ]
+    coco = coco_evaluate(path, results)
+    assert coco["AR100"] == pytest.approx(100 / 150) and "AP@200" not in coco
+    more = coco_evaluate(path, results, max_dets=200)
+    assert more["AR@200"] == pytest.approx(1.0) and more["AP@200"] == pytest.approx(1.0)
+    assert {k: more[k] for k in METRIC_KEYS} == {k: coco[k] for k in METRIC_KEYS}
+    assert more["per_category"] == coco["per_category"]
+    table = Console(width=100, record=True)
+    table.print(summary_table(more))
+    text = table.export_text()
+    assert "AP@200" in text and "up to 200 detections per image" in text

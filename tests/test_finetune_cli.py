@@ -9,53 +9,62 @@ import torch
 from typer.testing import CliRunner
 
 from glip_transfer.checkpoint import save_model
+from glip_transfer.cli import app
 from glip_transfer.config import variant_config
 from glip_transfer.model.glip import build_glip
-from glip_transfer.training.synthetic import make_rectangles
+from glip_transfer.training.run import RunSpec, prepare, train_run
+from synthetic import make_rectangles
 
 runner = CliRunner()
-SIZES = ["--set", "train.min_sizes=[96]", "--set", "train.max_size=160", "--set", "evaluation.min_size=96", "--set", "evaluation.max_size=128"]
-
-
-def train_app():
-    """``glip`` itself once ``cli.py`` registers the commands, else the commands' own app."""
-    from glip_transfer import cli
-
-    if any(c.name == "finetune" for c in cli.app.registered_commands):
-        return cli.app
-    from glip_transfer.commands.train import app
-
-    return app
+SIZES = [
+    "--set",
+    "train.min_sizes=[96]",
+    "--set",
+    "train.max_size=160",
+    "--set",
+    "evaluation.min_size=96",
+    "--set",
+    "evaluation.max_size=128",
+]
 
 
 def invoke(*args):
-    return runner.invoke(train_app(), [str(a) for a in args], catch_exceptions=False)
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_rectangles(tmp_path_factory.mktemp("data"), n_images=8, names=("red", "green", "blue"), size=(128, 96), box_range=(24, 44))
+    return make_rectangles(
+        tmp_path_factory.mktemp("data"), n_images=8, names=("red", "green", "blue"), size=(128, 96), box_range=(24, 44)
+    )
 
 
 @pytest.fixture(scope="module")
-def base_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_glip(variant_config("test-tiny"))
-    with torch.no_grad():
-        model.rpn.head.bias0.fill_(2.0)  # non-empty detections from the start
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_model(model, path)
-    return path
+def base_weights(tiny_weights):
+    return tiny_weights  # non-empty detections from the start
 
 
 def finetune(data, vocab_dir, *args):
     ann, images = data
-    return invoke("finetune", "--ann", ann, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu", *SIZES, *args)
+    return invoke(
+        "finetune", "--ann", ann, "--images", images, "--tokenizer", vocab_dir, "--device", "cpu", *SIZES, *args
+    )
 
 
-@pytest.mark.parametrize("mode, expected", [("full", None), ("prompt", 256 * 32), ("linear", 32 * 4 + 4 + 32 + 1 + 32 * 32 + 32 + 1 + 32 + 1), ("text", None), ("lora", None)])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("full", None),
+        ("prompt", 256 * 32),
+        ("linear", 32 * 4 + 4 + 32 + 1 + 32 * 32 + 32 + 1 + 32 + 1),
+        ("text", None),
+        ("lora", None),
+    ],
+)
 def test_dry_run_json_reports_the_trainable_parameters(data, vocab_dir, tmp_path, mode, expected):
-    result = finetune(data, vocab_dir, "--variant", "test-tiny", "--mode", mode, "--dry-run", "--json", "--out", tmp_path / "run")
+    result = finetune(
+        data, vocab_dir, "--variant", "test-tiny", "--mode", mode, "--dry-run", "--json", "--out", tmp_path / "run"
+    )
     assert result.exit_code == 0, result.output
     line = [l for l in result.stdout.splitlines() if l.startswith("{")][-1]
     report = json.loads(line)
@@ -67,7 +76,9 @@ def test_dry_run_json_reports_the_trainable_parameters(data, vocab_dir, tmp_path
 
 
 def test_dry_run_prints_the_summary(data, vocab_dir):
-    result = finetune(data, vocab_dir, "--variant", "test-tiny", "--mode", "lora", "--dry-run", "--set", "train.lora.rank=2")
+    result = finetune(
+        data, vocab_dir, "--variant", "test-tiny", "--mode", "lora", "--dry-run", "--set", "train.lora.rank=2"
+    )
     assert result.exit_code == 0, result.output
     assert "trainable parameters" in result.output and "red. green. blue" in result.output
 
@@ -78,6 +89,8 @@ def test_dry_run_prints_the_summary(data, vocab_dir):
         (["--mode", "half"], "--mode 'half'"),
         (["--json"], "--json goes with --dry-run"),
         (["--set", "train.nope=1", "--dry-run"], "unknown key 'nope'"),
+        (["--set", "train.optimizer=adam", "--dry-run"], "train.optimizer: 'adam' is not one of adamw, sgd"),
+        (["--set", "train.schedule=cosine", "--dry-run"], "is not one of plateau, multistep, constant"),
         (["--set", "train.lora.targets=[nothing]", "--mode", "lora", "--dry-run"], "matched no module"),
         (["--weights", "/nonexistent.pth", "--dry-run"], "file not found"),
     ],
@@ -107,8 +120,21 @@ def test_finished_run_is_not_overwritten_without_force(data, vocab_dir, tmp_path
 def test_unfinished_run_needs_resume_or_force(data, vocab_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--variant", "test-tiny", "--mode", "linear", "--epochs", "2", "--batch-size", "4", "--out", out]
-    stopped = finetune(data, vocab_dir, *args, "--set", "train.stop_after_steps=1")
-    assert stopped.exit_code == 0 and "--resume" in stopped.output
+    ann, images = data
+    spec = RunSpec(
+        mode="linear",
+        ann=ann,
+        images=images,
+        variant="test-tiny",
+        out=out,
+        epochs=2,
+        batch_size=4,
+        tokenizer=str(vocab_dir),
+        progress=False,
+        sets=[s for s in SIZES if s != "--set"],
+    )
+    stopped = train_run(prepare(spec), stop_after_steps=1)  # as if killed after step 1
+    assert stopped["status"] == "stopped" and not (out / "result.json").exists()
     again = finetune(data, vocab_dir, *args)
     assert again.exit_code == 2 and "unfinished run" in again.output
     done = finetune(data, vocab_dir, *args, "--resume")
@@ -119,8 +145,30 @@ def test_unfinished_run_needs_resume_or_force(data, vocab_dir, tmp_path):
 def test_few_shot_seeds_report_mean_and_std(data, vocab_dir, tmp_path):
     ann, images = data
     out = tmp_path / "seeds"
-    result = finetune(data, vocab_dir, "--variant", "test-tiny", "--mode", "prompt", "--shots", "1", "--seeds", "3,30", "--epochs", "1",
-                      "--val-ann", ann, "--val-images", images, "--test-ann", ann, "--test-images", images, "--out", out)  # fmt: skip
+    result = finetune(
+        data,
+        vocab_dir,
+        "--variant",
+        "test-tiny",
+        "--mode",
+        "prompt",
+        "--shots",
+        "1",
+        "--seeds",
+        "3,30",
+        "--epochs",
+        "1",
+        "--val-ann",
+        ann,
+        "--val-images",
+        images,
+        "--test-ann",
+        ann,
+        "--test-images",
+        images,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "seeds.json").read_text())
     assert [r["seed"] for r in summary["runs"]] == [3, 30]
@@ -134,11 +182,34 @@ def test_few_shot_seeds_report_mean_and_std(data, vocab_dir, tmp_path):
 
 
 def _zeroshot_ap(weights, adapter, ann, images, vocab_dir, out):
-    from glip_transfer.cli import app
-
-    result = runner.invoke(app, ["zeroshot", "eval", "--weights", str(weights), "--adapter", str(adapter), "--ann", str(ann), "--images",
-                                 str(images), "--tokenizer", str(vocab_dir), "--device", "cpu", "--out", str(out), "--batch-size", "4",
-                                 "--set", "evaluation.min_size=96", "--set", "evaluation.max_size=128"], catch_exceptions=False)  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "zeroshot",
+            "eval",
+            "--weights",
+            str(weights),
+            "--adapter",
+            str(adapter),
+            "--ann",
+            str(ann),
+            "--images",
+            str(images),
+            "--tokenizer",
+            str(vocab_dir),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--set",
+            "evaluation.min_size=96",
+            "--set",
+            "evaluation.max_size=128",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     return json.loads((out / "metrics.json").read_text())
 
@@ -147,8 +218,26 @@ def _zeroshot_ap(weights, adapter, ann, images, vocab_dir, out):
 def test_artifact_reproduces_its_val_ap_on_the_base_model(data, vocab_dir, base_weights, tmp_path, mode, lr):
     ann, images = data
     out = tmp_path / "run"
-    result = finetune(data, vocab_dir, "--weights", base_weights, "--mode", mode, "--epochs", "2", "--batch-size", "4",
-                      "--val-ann", ann, "--val-images", images, "--out", out, "--set", f"train.lr={lr}")  # fmt: skip
+    result = finetune(
+        data,
+        vocab_dir,
+        "--weights",
+        base_weights,
+        "--mode",
+        mode,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-ann",
+        ann,
+        "--val-images",
+        images,
+        "--out",
+        out,
+        "--set",
+        f"train.lr={lr}",
+    )
     assert result.exit_code == 0, result.output
     res = json.loads((out / "result.json").read_text())
     artifact = out / ("prompt.safetensors" if mode == "prompt" else "lora")
@@ -161,15 +250,34 @@ def test_artifact_reproduces_its_val_ap_on_the_base_model(data, vocab_dir, base_
     torch.manual_seed(5)
     other = tmp_path / "other.safetensors"
     save_model(build_glip(variant_config("test-tiny")), other)
-    from glip_transfer.cli import app
-
-    refused = runner.invoke(app, ["zeroshot", "eval", "--weights", str(other), "--adapter", str(out), "--ann", str(ann), "--images", str(images),
-                                  "--tokenizer", str(vocab_dir), "--device", "cpu", "--out", str(tmp_path / "eval2")])  # fmt: skip
+    refused = runner.invoke(
+        app,
+        [
+            "zeroshot",
+            "eval",
+            "--weights",
+            str(other),
+            "--adapter",
+            str(out),
+            "--ann",
+            str(ann),
+            "--images",
+            str(images),
+            "--tokenizer",
+            str(vocab_dir),
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "eval2"),
+        ],
+    )
     assert refused.exit_code == 2 and "made for base weights" in refused.output
 
 
 def test_pretrain_on_grounding_data(tmp_path, vocab_dir):
-    ann, images = make_rectangles(tmp_path / "g", n_images=4, names=("red", "green"), size=(128, 96), box_range=(24, 44))
+    ann, images = make_rectangles(
+        tmp_path / "g", n_images=4, names=("red", "green"), size=(128, 96), box_range=(24, 44)
+    )
     data = json.loads(ann.read_text())
     for img in data["images"]:
         img["caption"] = "a red box and a green box"
@@ -178,18 +286,54 @@ def test_pretrain_on_grounding_data(tmp_path, vocab_dir):
         a["tokens_positive"] = [[start, start + (3 if a["category_id"] == 1 else 5)]]
     ann.write_text(json.dumps(data))
     out = tmp_path / "pre"
-    result = invoke("pretrain", "--ann", ann, "--images", images, "--variant", "test-tiny", "--tokenizer", vocab_dir, "--device", "cpu",
-                    "--epochs", "1", "--batch-size", "2", "--out", out, *SIZES, "--set", "train.warmup_iters=1")  # fmt: skip
+    result = invoke(
+        "pretrain",
+        "--ann",
+        ann,
+        "--images",
+        images,
+        "--variant",
+        "test-tiny",
+        "--tokenizer",
+        vocab_dir,
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--out",
+        out,
+        *SIZES,
+        "--set",
+        "train.warmup_iters=1",
+    )
     assert result.exit_code == 0, result.output
     res = json.loads((out / "result.json").read_text())
     assert res["steps"] == 2 and res["mode"] == "full" and (out / "weights.safetensors").exists()
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["kind"] == "pretrain" and cfg["train"]["freeze_backbone_at"] == -1 and cfg["trainable"] == cfg["total"] - 32 * 80 - 80
+    assert (
+        cfg["kind"] == "pretrain"
+        and cfg["train"]["freeze_backbone_at"] == -1
+        and cfg["trainable"] == cfg["total"] - 32 * 80 - 80
+    )
 
 
 def test_pretrain_on_detection_data_dry_run(data, vocab_dir):
     ann, images = data
-    result = invoke("pretrain", "--ann", ann, "--images", images, "--variant", "test-tiny", "--tokenizer", vocab_dir, "--dry-run", "--json")
+    result = invoke(
+        "pretrain",
+        "--ann",
+        ann,
+        "--images",
+        images,
+        "--variant",
+        "test-tiny",
+        "--tokenizer",
+        vocab_dir,
+        "--dry-run",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["mode"] == "full"
 
@@ -205,15 +349,40 @@ def test_recipe_run_takes_the_official_settings(tmp_path, vocab_dir):
     names = [c.name for c in rec.categories]
     for split in ("train", "val", "test"):
         files = rec.split(split)
-        ann, images = make_rectangles(tmp_path / "gen" / split, n_images=6, names=names, colour_of=[i % 4 for i in range(len(names))],
-                                      size=(128, 96), box_range=(24, 44), seed=len(split))  # fmt: skip
+        ann, images = make_rectangles(
+            tmp_path / "gen" / split,
+            n_images=6,
+            names=names,
+            colour_of=[i % 4 for i in range(len(names))],
+            size=(128, 96),
+            box_range=(24, 44),
+            seed=len(split),
+        )
         (tmp_path / "data" / files.img_dir).mkdir(parents=True, exist_ok=True)
         for f in images.iterdir():
             shutil.copy(f, tmp_path / "data" / files.img_dir / f.name)
         shutil.copy(ann, tmp_path / "data" / files.ann_file)
     out = tmp_path / "run"
-    args = ["finetune", "--recipe", "odinw13/aquarium", "--data-root", tmp_path / "data", "--variant", "test-tiny", "--tokenizer", vocab_dir,
-            "--device", "cpu", "--mode", "linear", "--shots", "1", "--out", out, *SIZES]  # fmt: skip
+    args = [
+        "finetune",
+        "--recipe",
+        "odinw13/aquarium",
+        "--data-root",
+        tmp_path / "data",
+        "--variant",
+        "test-tiny",
+        "--tokenizer",
+        vocab_dir,
+        "--device",
+        "cpu",
+        "--mode",
+        "linear",
+        "--shots",
+        "1",
+        "--out",
+        out,
+        *SIZES,
+    ]
     dry = invoke(*args, "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert "fish. jellyfish. penguin. puffin. shark. starfish. stingray" in dry.output
@@ -221,7 +390,12 @@ def test_recipe_run_takes_the_official_settings(tmp_path, vocab_dir):
     assert result.exit_code == 0, result.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["recipe"] == "odinw13/Aquarium_Aquarium_Combined.v2-raw-1024.coco"
-    assert (cfg["train"]["copies"], cfg["train"]["lr"], cfg["train"]["weight_decay"], cfg["train"]["batch_size"]) == (8, 1e-4, 0.05, 4)
+    assert (cfg["train"]["copies"], cfg["train"]["lr"], cfg["train"]["weight_decay"], cfg["train"]["batch_size"]) == (
+        8,
+        1e-4,
+        0.05,
+        4,
+    )
     res = json.loads((out / "result.json").read_text())
     assert res["shots"] == 1 and "test" in res and (out / "test" / "metrics.json").exists()
     assert res["steps"] == cfg["images"] * 8 // 4

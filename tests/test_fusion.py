@@ -87,3 +87,23 @@ def test_adapter_dropout_in_training_falls_back_to_the_module():
     assert _linear_parts(attn.v_proj) is None
     attn.eval()
     assert _linear_parts(attn.v_proj) is not None
+
+
+@pytest.mark.parametrize("visual_dim", [1, 2])
+def test_probabilities_equal_the_reference_formula_bit_for_bit(visual_dim):
+    """The text -> image softmax without the reference's explicit max subtraction and clamp, and the
+    image -> text softmax without a mask when every token is real: the same floats."""
+    from glip_transfer.model.fusion import CLAMP
+
+    attn = _attention().float()
+    torch.manual_seed(1)
+    shape = (2, 300, 4, 17) if visual_dim == 1 else (2, 4, 300, 17)
+    scores = torch.randn(shape) * 30
+    scores.view(-1)[::97] = 7e4  # beyond the clamps
+    scores.view(-1)[5::89] = -9e4
+    for mask in (torch.ones(2, 17, dtype=torch.int64), torch.tensor([[1] * 17, [1] * 11 + [0] * 6])):
+        probs_v, probs_l = attn._scores_to_probs(scores, mask, visual_dim=visual_dim, text_dim=3)
+        clamped = scores.clamp(-CLAMP, CLAMP)
+        want_l = (clamped - clamped.amax(dim=visual_dim, keepdim=True)).clamp(-CLAMP, CLAMP).softmax(dim=visual_dim)
+        want_v = clamped.masked_fill(mask.view(2, 1, 1, 17) == 0, torch.finfo(torch.float32).min).softmax(dim=3)
+        assert torch.equal(probs_l, want_l) and torch.equal(probs_v, want_v)

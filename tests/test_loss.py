@@ -51,7 +51,9 @@ def test_token_focal_loss_hand_values():
     logits = torch.tensor([[[0.0, 2.0, 5.0], [-1.0, 0.5, 9.0]]])  # [1, 2 anchors, 3 tokens]
     targets = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])
     mask = torch.tensor([[1, 1, 0]])  # the third token is padding
-    sig = lambda x: 1 / (1 + math.exp(-x))
+
+    def sig(x):
+        return 1 / (1 + math.exp(-x))
 
     def pos(x):  # alpha * (1 - p)^2 * -log(p)
         p = sig(x)
@@ -163,7 +165,9 @@ def test_token_targets_binary_and_no_object_slot():
 def one_anchor_case(t: int = 4):
     """One level, 4x4 disjoint 8x8 anchors, one image, one box equal to anchor 5."""
     anchors = [grid(8, 8, 4, 4)]
-    target = GroundingTarget(torch.tensor([[8.0, 8.0, 15.0, 15.0]]), torch.tensor([[0.0, 0.5, 0.5, 0.0] + [0.0] * (t - 4)]))
+    target = GroundingTarget(
+        torch.tensor([[8.0, 8.0, 15.0, 15.0]]), torch.tensor([[0.0, 0.5, 0.5, 0.0] + [0.0] * (t - 4)])
+    )
     return anchors, target
 
 
@@ -262,7 +266,9 @@ def test_images_without_boxes():
     assert all(v.requires_grad for v in out.values())
     # no positives: the token loss is the plain sum over all (negative) targets, divided by max(0, 1)
     n_anchors = 20
-    assert out["loss_dot_product_token"].item() == pytest.approx(2 * n_anchors * 5 * 0.75 * 0.25 * math.log(2), rel=1e-5)
+    assert out["loss_dot_product_token"].item() == pytest.approx(
+        2 * n_anchors * 5 * 0.75 * 0.25 * math.log(2), rel=1e-5
+    )
     sum(out.values()).backward()
     assert all(t.grad is not None for t in outputs.box_regression + outputs.centerness + outputs.token_logits)
 

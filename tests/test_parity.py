@@ -19,13 +19,23 @@ import torch
 from glip_transfer.config import variant_config
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.head import HeadOutputs
-from glip_transfer.model.language import TextFeatures
 from glip_transfer.model.postprocess import Detections, postprocess
 from glip_transfer.reference import apply_deterministic_weights
 
 pytestmark = pytest.mark.slow
 
 CATEGORIES = ["person", "rocket", "american flag", "helmet", "glove"]
+
+# Largest absolute differences from the official float32 run, measured on this project's 2-core
+# AVX-512 CPU (1 and 2 threads alike): BERT 3.6e-6, Swin 4.3e-6, FPN 9.1e-6, DyHead visual levels
+# 1.5e-4 and text 5.0e-6, head outputs 2.7e-5. Each tolerance is about ten times that, so that a
+# real regression fails; the head's 2e-4 (7x) predates the measurement and is kept.
+TOL_BERT = 4e-5
+TOL_SWIN = 5e-5
+TOL_FPN = 1e-4
+TOL_DYHEAD_VISUAL = 1.5e-3
+TOL_DYHEAD_TEXT = 5e-5
+TOL_HEAD = 2e-4
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +79,14 @@ def max_diff(a, b):
 
 
 def test_language_backbone(run, ref):
-    assert max_diff(run["text"].hidden, ref["lang.backbone_hidden"]) < 1e-4
+    assert max_diff(run["text"].hidden, ref["lang.backbone_hidden"]) < TOL_BERT
 
 
 def test_swin_and_fpn(run, ref):
     for i, c in enumerate(run["captured"]["body"]):
-        assert max_diff(c, ref[f"backbone.body.C{i + 3}"]) < 1e-4
+        assert max_diff(c, ref[f"backbone.body.C{i + 3}"]) < TOL_SWIN
     for i, p in enumerate(run["captured"]["fpn"]):
-        assert max_diff(p, ref[f"backbone.fpn.P{i + 3}"]) < 1e-4
+        assert max_diff(p, ref[f"backbone.fpn.P{i + 3}"]) < TOL_FPN
 
 
 def test_dyhead_stages(run, ref):
@@ -84,10 +94,10 @@ def test_dyhead_stages(run, ref):
     for index in (0, 2, 17):
         visual = cap[index][0] if isinstance(cap[index], tuple) else cap[index]
         for level, v in enumerate(visual):
-            assert max_diff(v, ref[f"head.tower{index:02d}.visual.P{level + 3}"]) < 2e-3, (index, level)
-    assert max_diff(cap[0][1], ref["head.tower00.lang_hidden"]) < 2e-3
-    assert max_diff(cap[1], ref["head.tower01.lang_hidden"]) < 2e-3
-    assert max_diff(cap[16], ref["head.tower17.lang_hidden"]) < 2e-3  # module 16 is the last BERT layer
+            assert max_diff(v, ref[f"head.tower{index:02d}.visual.P{level + 3}"]) < TOL_DYHEAD_VISUAL, (index, level)
+    assert max_diff(cap[0][1], ref["head.tower00.lang_hidden"]) < TOL_DYHEAD_TEXT
+    assert max_diff(cap[1], ref["head.tower01.lang_hidden"]) < TOL_DYHEAD_TEXT
+    assert max_diff(cap[16], ref["head.tower17.lang_hidden"]) < TOL_DYHEAD_TEXT  # module 16 is the last BERT layer
 
 
 def test_head_outputs(run, ref):
@@ -95,9 +105,9 @@ def test_head_outputs(run, ref):
     valid = ref["text.attention_mask"][0].bool()
     for level in range(5):
         p = f"P{level + 3}"
-        assert max_diff(out.box_regression[level], ref[f"head.bbox_reg.{p}"]) < 2e-4
-        assert max_diff(out.centerness[level], ref[f"head.centerness.{p}"]) < 2e-4
-        assert max_diff(out.token_logits[level][..., valid], ref[f"head.dot_product_logits.{p}"][..., valid]) < 2e-4
+        assert max_diff(out.box_regression[level], ref[f"head.bbox_reg.{p}"]) < TOL_HEAD
+        assert max_diff(out.centerness[level], ref[f"head.centerness.{p}"]) < TOL_HEAD
+        assert max_diff(out.token_logits[level][..., valid], ref[f"head.dot_product_logits.{p}"][..., valid]) < TOL_HEAD
         assert max_diff(run["anchors"][level], ref[f"post.anchors.{p}"]) == 0
 
 
@@ -150,10 +160,29 @@ def test_glip_predict_cli_from_official_checkpoint(model, ref, reference_dir, vo
     torch.save({"model": state, "iteration": 1}, weights)
     out_json = tmp_path / "dets.json"
     cmd = glip_command() + [
-        "predict", str(reference_dir / "astronaut.png"), "--weights", str(weights), "--classes", ",".join(CATEGORIES),
-        "--min-size", "500", "--max-size", "800", "--threshold", "0", "--max-detections", "100",
-        "--tokenizer", str(vocab_dir), "--device", "cpu", "--out", str(tmp_path / "vis"), "--json", str(out_json),
-    ]  # fmt: skip
+        "predict",
+        str(reference_dir / "astronaut.png"),
+        "--weights",
+        str(weights),
+        "--classes",
+        ",".join(CATEGORIES),
+        "--min-size",
+        "500",
+        "--max-size",
+        "800",
+        "--threshold",
+        "0",
+        "--max-detections",
+        "100",
+        "--tokenizer",
+        str(vocab_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "vis"),
+        "--json",
+        str(out_json),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out_json.read_text())
@@ -164,3 +193,21 @@ def test_glip_predict_cli_from_official_checkpoint(model, ref, reference_dir, vo
     labels = torch.tensor([CATEGORIES.index(d["label"]) + 1 for d in dets])
     assert_detections_match(boxes, scores, labels, ref)
     assert (tmp_path / "vis" / "astronaut.png").exists()
+
+    # the model-only conversion gives the very same detections and the same inspection
+    converted = tmp_path / "glip_t.safetensors"
+    done = subprocess.run(glip_command() + ["weights", "convert", str(weights), str(converted)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    converted_json = tmp_path / "converted.json"
+    cmd[cmd.index(str(weights))] = str(converted)
+    cmd[cmd.index(str(out_json))] = str(converted_json)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(converted_json.read_text())[0]["detections"] == dets
+    inspected = []
+    for w in (weights, converted):
+        out = subprocess.run(glip_command() + ["inspect", str(w), "--json"], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        info = json.loads(out.stdout)
+        inspected.append({k: v for k, v in info.items() if k not in ("path", "format")})
+    assert inspected[0] == inspected[1] and inspected[0]["keys"]["ok"] and inspected[0]["detected_variant"] == "glip-t"

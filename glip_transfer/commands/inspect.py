@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..checkpoint import compare_state, config_from_metadata, detect_variant, read_state_dict, resolve_weights
+from ..config import variant_config
 from .common import console, handle_errors
 
 PARTS = ("backbone.body", "backbone.fpn", "language_backbone", "rpn.head", "rpn.anchor_generator")
@@ -27,16 +29,15 @@ def parameter_counts(state: dict) -> "OrderedDict[str, int]":
 
 @handle_errors
 def inspect_command(
-    path: Path = typer.Argument(..., help="An official GLIP .pth or a glip-transfer .safetensors."),
+    path: str = typer.Argument(..., help="A weights name (glip weights list), an official GLIP .pth or a .safetensors."),
     variant: str = typer.Option(None, "--variant", help="Compare against this variant instead of the detected one."),
     ema: bool = typer.Option(False, "--ema", help="Inspect the 'model_ema' weights."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ):
     """Show a checkpoint's variant, parameter counts per part, and how its keys fit the model."""
-    from ..checkpoint import compare_state, config_from_metadata, detect_variant, read_state_dict
-    from ..config import variant_config
-    from ..model.glip import build_glip
+    from ..model.glip import build_glip  # torchvision: a second to import, not for `glip --help`
 
+    path = resolve_weights(path, model_only=not ema)
     state, meta = read_state_dict(path, use_ema=ema)
     detected = detect_variant(state)
     cfg = config_from_metadata(meta)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 import typer
 
-from .common import console, default_tokenizer, err_console, fail, handle_errors, progress_bar, resolve_device
+from ..checkpoint import load_model
+from ..data import ImageFiles, default_workers, load_image, make_loader
+from ..files import write_text
+from ..prompts import build_detection_prompt, phrase_prompt
+from ..recipes import Evaluation
+from ..runtime import progress_bar, resolve_device
+from ..tokenizer import default_tokenizer, load_tokenizer
+from ..visualize import draw_detections, save_png
+from .common import console, err_console, fail, handle_errors
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -47,12 +54,13 @@ def output_names(paths: list[Path]) -> list[str]:
 @handle_errors
 def predict_command(
     images: list[Path] = typer.Argument(..., help="Image files or folders of images."),
-    weights: Path = typer.Option(..., "--weights", "-w", help="Official GLIP .pth or glip-transfer .safetensors."),
+    weights: str = typer.Option("glip-t", "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors."),
     variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l (detected when omitted)."),
     classes: str = typer.Option(None, "--classes", "-c", help='Category names, comma separated: "person,dog".'),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Free text; see --phrase."),
-    phrase: list[str] = typer.Option(None, "--phrase", help="A phrase of --prompt to detect (repeatable); "
-                                     "default: the prompt split at periods."),  # fmt: skip
+    phrase: list[str] = typer.Option(
+        None, "--phrase", help="A phrase of --prompt to detect (repeatable); default: the prompt split at periods."
+    ),
     threshold: float = typer.Option(0.5, "--threshold", "-t", help="Keep detections scoring at least this."),
     min_size: int = typer.Option(800, "--min-size", help="Resize the short side to this..."),
     max_size: int = typer.Option(1333, "--max-size", help="...unless the long side would exceed this."),
@@ -61,35 +69,32 @@ def predict_command(
     adapter: Path = typer.Option(None, "--adapter", help="A prompt-tuning/LoRA/fine-tuning artifact."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Images per forward (same detections at any size)."),
+    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes [default: 1 on CPU, up to 8 on CUDA]."),
     out: Path = typer.Option(None, "--out", "-o", help="Folder for annotated PNGs."),
     json_path: Path = typer.Option(None, "--json", help="Write all detections to this JSON file."),
 ):
     """Detect categories (--classes) or phrases of a free-text prompt (--prompt) in images."""
-    from ..checkpoint import load_model
-    from ..data import DataError, load_image
-    from ..inference import detect_batch, to_original_size
-    from ..prompts import build_detection_prompt, load_tokenizer, phrase_prompt
-    from ..transforms import pad_batch, test_transform
-    from ..visualize import draw_detections, save_png
-    from ..inference import EncodedPrompt
+    # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
+    from ..inference import EncodedPrompt, detect_batch, to_original_size
+    from ..training.artifacts import apply_adapter
 
     if (classes is None) == (prompt is None):
-        fail("give exactly one of --classes \"a,b,c\" or --prompt \"free text\"")
+        fail('give exactly one of --classes "a,b,c" or --prompt "free text"')
     if phrase and prompt is None:
         fail("--phrase needs --prompt")
     if out is None and json_path is None:
         err_console.print("[yellow]note:[/] neither --out nor --json given; printing a summary only")
     paths = collect_images(images)
     dev = resolve_device(device)
-    overrides = [f"input.min_size={min_size}", f"input.max_size={max_size}", f"postprocess.detections_per_img={max_detections}"]
+    overrides = Evaluation(min_size=min_size, max_size=max_size, detections_per_img=max_detections).model_overrides()
     model, _ = load_model(weights, variant=variant, tokenizer=tokenizer or None, overrides=overrides)
     tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
     max_len = model.cfg.language.max_query_len
     if classes is not None:
         class_names = [name.strip() for name in classes.split(",") if name.strip()]
         if not class_names:
-            fail(f"--classes {classes!r} names no category: give names separated by commas, e.g. \"person,dog\"")
+            fail(f'--classes {classes!r} names no category: give names separated by commas, e.g. "person,dog"')
         detection_prompt = build_detection_prompt(tok, list(enumerate(class_names, start=1)), max_len=max_len)
         for notice in detection_prompt.notices:
             err_console.print(f"[yellow]note:[/] {notice}")
@@ -98,53 +103,49 @@ def predict_command(
     else:
         encoded = EncodedPrompt.from_chunks(tok, [phrase_prompt(tok, prompt, phrase or None, max_len)], max_len)
         names = encoded.names
-    prompt_offset = None
     if adapter is not None:
-        from ..training.artifacts import apply_adapter
-
-        model, prompt_offset = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
+        model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
     model = model.to(dev).eval()
 
-    records: list[dict] = []
+    records: dict[int, dict] = {}
     skipped = 0
     png_names = output_names(paths)
+    # decoding, resizing and normalising in loader workers; batches of one padded size
+    dataset = ImageFiles(paths, model.cfg.input)
+    workers = default_workers(dev) if workers is None else workers
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
     with progress_bar() as bar:
-        task = bar.add_task("predict", total=len(paths), info="")
-        for start in range(0, len(paths), batch_size):
-            batch_paths = paths[start : start + batch_size]
-            pils, tensors, sizes, used = [], [], [], []
-            for i, p in enumerate(batch_paths):
-                try:
-                    pil = load_image(p)
-                except DataError as e:
-                    err_console.print(f"[yellow]skipped:[/] {e}")
+        task = bar.add_task("predict", total=len(paths), info="", unit="img")
+        for batch, image_sizes, batch_infos in loader:
+            for info in batch_infos:
+                if "error" in info:
+                    err_console.print(f"[yellow]skipped:[/] {info['error']}")
                     skipped += 1
-                    continue
-                tensor, resized = test_transform(pil, model.cfg.input)
-                pils.append(pil)
-                tensors.append(tensor)
-                sizes.append(resized)
-                used.append(start + i)
-            if tensors:
-                batch, image_sizes = pad_batch(tensors, model.cfg.input.size_divisibility)
-                dets = detect_batch(model, batch.to(dev), image_sizes, encoded, prompt_offset, amp=amp)
-                for pil, d, resized, index in zip(pils, dets, sizes, used):
-                    d = to_original_size(d.to("cpu"), resized, (pil.height, pil.width))
+            infos = [info for info in batch_infos if "error" not in info]
+            if infos:
+                dets = detect_batch(model, batch.to(dev, non_blocking=True), image_sizes, encoded, amp=amp)
+                for d, info in zip(dets, infos):
+                    height, width = info["loaded_size"]
+                    d = to_original_size(d.to("cpu"), info["resized_size"], (height, width))
                     detections = [
                         {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": names[label - 1]}
                         for box, score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist())
                         if score >= threshold
                     ]
-                    record = {"image": str(paths[index]), "width": pil.width, "height": pil.height, "detections": detections}
-                    records.append(record)
+                    index = info["index"]
+                    records[index] = {
+                        "image": str(paths[index]),
+                        "width": width,
+                        "height": height,
+                        "detections": detections,
+                    }
                     if out is not None:
-                        save_png(draw_detections(pil, detections, names), Path(out) / png_names[index])
-            bar.update(task, advance=len(batch_paths), info=f"{sum(len(r['detections']) for r in records)} detections")
+                        save_png(draw_detections(load_image(paths[index]), detections, names), Path(out) / png_names[index])
+            bar.update(task, advance=len(batch_infos), info=f"{sum(len(r['detections']) for r in records.values())} detections")
+    records = [records[i] for i in sorted(records)]  # input order, however batched
 
     if json_path is not None:
-        from ..evaluation import atomic_write_text
-
-        atomic_write_text(json_path, json.dumps(records, indent=1))
+        write_text(json_path, json.dumps(records, indent=1))
     total = sum(len(r["detections"]) for r in records)
     console.print(
         f"{len(records)} image(s), {total} detection(s) at score >= {threshold}"

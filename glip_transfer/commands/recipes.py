@@ -10,7 +10,20 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .common import console, default_tokenizer, err_console, handle_errors
+from ..prompts import PromptError, as_categories
+from ..recipes import (
+    RecipeError,
+    evaluation_prompt,
+    list_recipes,
+    load_recipe,
+    recipe_prompts,
+    recipe_to_dict,
+    recipes_dir,
+    resolve_prompt_file,
+    untokenized_captions,
+)
+from ..tokenizer import default_tokenizer, load_tokenizer
+from .common import console, err_console, handle_errors
 
 app = typer.Typer(
     name="recipes",
@@ -39,7 +52,6 @@ def list_command(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """List the recipes: name, short alias, number of categories, evaluation split."""
-    from ..recipes import list_recipes, recipes_dir
 
     recipes = list_recipes()
     if as_json:
@@ -72,7 +84,13 @@ def list_command(
         evaluation = r.evaluation.split + (f" /{r.evaluation.chunk_size}" if r.evaluation.chunk_size else "")
         if r.prompts:
             evaluation += " *"
-        full = "" if r.name == short else r.name.split("/", 1)[-1] if r.name.split("/")[0] == short.split("/")[0] else r.name
+        full = (
+            ""
+            if r.name == short
+            else r.name.split("/", 1)[-1]
+            if r.name.split("/")[0] == short.split("/")[0]
+            else r.name
+        )
         table.add_row(escape(short), cats, escape(evaluation), escape(full))
     console.print(table)
     console.print(
@@ -99,16 +117,6 @@ def show_command(
     ),
 ):
     """Show a recipe: files, categories, prompt entries and the exact evaluation caption(s)."""
-    from ..prompts import PromptError, load_tokenizer
-    from ..recipes import (
-        evaluation_prompt,
-        load_recipe,
-        recipe_prompts,
-        recipe_to_dict,
-        resolve_prompt_file,
-        untokenized_captions,
-    )
-
     recipe = load_recipe(name)
     tokenizer_name = default_tokenizer(tokenizer)
     annotation_categories = None
@@ -145,7 +153,7 @@ def show_command(
         categories = (
             None
             if annotation_categories is None
-            else [{"id": cid, "name": n} for cid, n in _pairs(annotation_categories)]
+            else [{"id": cid, "name": n} for cid, n in as_categories(annotation_categories)]
         )
     else:
         categories = [{"id": c.id, "name": c.name} for c in recipe.categories]
@@ -156,9 +164,7 @@ def show_command(
         data["caption"] = caption
         data["chunked"] = isinstance(caption, list)
         data["prompt_file"] = str(resolve_prompt_file(recipe)) if recipe.prompts else None
-        data["prompt_entries"] = [
-            {k: v for k, v in vars(p).items() if v is not None} for p in prompts.values()
-        ]
+        data["prompt_entries"] = [{k: v for k, v in vars(p).items() if v is not None} for p in prompts.values()]
         data["undetectable"] = undetectable
         data["notices"] = notices + [n for n in (caption_note, tokenizer_warning) if n]
         data["tokenizer"] = tokenizer_name if tok is not None else None
@@ -222,7 +228,10 @@ def show_command(
         err_console.print(f"[yellow]warning:[/] {escape(tokenizer_warning)}", soft_wrap=True)
     if undetectable:
         shown = ", ".join(json.dumps(n, ensure_ascii=False) for n in undetectable)
-        err_console.print(f"[yellow]warning:[/] {len(undetectable)} categor{'y maps' if len(undetectable) == 1 else 'ies map'} to no token and cannot be detected: {escape(shown)}")
+        err_console.print(
+            f"[yellow]warning:[/] {len(undetectable)} categor{'y maps' if len(undetectable) == 1 else 'ies map'} to "
+            f"no token and cannot be detected: {escape(shown)}"
+        )
 
 
 def _prompt_text(p) -> str:
@@ -232,16 +241,8 @@ def _prompt_text(p) -> str:
     return f"override: {json.dumps(p.override, ensure_ascii=False)}"
 
 
-def _pairs(categories):
-    from ..prompts import as_categories
-
-    return as_categories(categories)
-
-
 def _annotation_categories(path: Path) -> list[dict]:
     """The ``categories`` of a COCO/LVIS annotation file (read in full: LVIS files are large)."""
-    from ..recipes import RecipeError
-
     if not path.is_file():
         raise RecipeError(f"annotation file {str(path)!r} not found: check --data-root")
     try:

@@ -1,24 +1,24 @@
 """``glip finetune`` and ``glip pretrain``: transfer a GLIP model to a dataset (full fine-tuning,
 prompt tuning, linear probing, LoRA, text-only) or pretrain on grounding / detection data.
 
-Register in ``cli.py``::
-
-    from .commands.train import finetune_command, pretrain_command
-    app.command("finetune")(finetune_command)
-    app.command("pretrain")(pretrain_command)
-
 Multi-GPU / multi-process: ``torchrun --nproc_per_node N -m glip_transfer finetune ...`` (DDP,
 NCCL on GPU, gloo on CPU; ``--batch-size`` is global).
+
+The library (``glip_transfer.training``, which pulls in torchvision and the model) is imported
+when a command runs, not when ``glip --help`` lists them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
 import typer
+from rich.table import Table
 
+from ..files import write_text
 from .common import console, err_console, fail, handle_errors
 
 MODE_HELP = "full | prompt | linear | lora | text"
@@ -38,9 +38,7 @@ def _parse_seeds(text: str | None) -> list[int] | None:
     return seeds
 
 
-def _summary_table(prep):
-    from rich.table import Table
-
+def _summary_table(prep) -> Table:
     table = Table(title=f"{prep.plan.mode}: trainable parameters", show_edge=False)
     table.add_column("part")
     table.add_column("trainable", justify="right")
@@ -57,22 +55,30 @@ def _describe(prep) -> None:
     console.print(
         f"[bold]{prep.recipe.name}[/] — mode [bold]{prep.plan.mode}[/], {prep.model.cfg.variant} on {prep.device}"
         f"{f', {prep.dist.world} processes' if prep.dist.enabled else ''}; "
-        f"{ds.num_images} training images x {cfg.copies} copies, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}",
+        f"{ds.num_images} training images x {cfg.copies} copies, {cfg.epochs} epochs, batch {cfg.batch_size}, lr "
+        f"{cfg.lr:g}",
         highlight=False,
         soft_wrap=True,
     )
     if prep.prompt is not None:
-        console.print(f"caption ({prep.prompt.length} tokens): {prep.prompt.caption[:300]!r}", highlight=False, soft_wrap=True)
+        console.print(
+            f"caption ({prep.prompt.length} tokens): {prep.prompt.caption[:300]!r}", highlight=False, soft_wrap=True
+        )
     for note in prep.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     console.print(_summary_table(prep))
     console.print(f"trainable parameters: {prep.trainable:,} of {prep.total:,}", highlight=False, soft_wrap=True)
 
 
-def _run(spec, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
+def _run(spec_fields: dict, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
+    """Prepare and train one run per few-shot seed (one run without ``seeds``); ``spec_fields``
+    are the :class:`~glip_transfer.training.run.RunSpec` fields."""
+    # the training library (torchvision, the model) loads when a command runs, not for `glip --help`
     from ..training.distributed import init_from_env, shutdown
-    from ..training.run import RESULT_FILE, prepare, train_run
+    from ..training.engine import Trainer
+    from ..training.run import RESULT_FILE, RunSpec, prepare, train_run
 
+    spec = RunSpec(**spec_fields)
     dist_info, device = init_from_env(spec.device)
     try:
         with warnings.catch_warnings():
@@ -93,24 +99,32 @@ def _run(spec, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
                         summaries.append((seed, json.loads(done.read_text())))
                         continue
                 if dry_run:
-                    from ..training.engine import Trainer
-
-                    Trainer(prep.module, prep.cfg, prep.dataset, device=device, out_dir=prep.out, prompt=prep.prompt,
-                            dist_info=dist_info, progress=False)  # fmt: skip  # builds the optimiser and schedule
+                    # builds the optimiser and the schedule too
+                    Trainer(
+                        prep.module,
+                        prep.cfg,
+                        prep.dataset,
+                        device=device,
+                        out_dir=prep.out,
+                        prompt=prep.prompt,
+                        dist_info=dist_info,
+                        progress=False,
+                    )
                     if dist_info.main:
                         if as_json:
-                            typer.echo(json.dumps({"mode": prep.plan.mode, "trainable": prep.trainable, "total": prep.total}))
+                            typer.echo(
+                                json.dumps({"mode": prep.plan.mode, "trainable": prep.trainable, "total": prep.total})
+                            )
                         else:
                             _describe(prep)
-                            console.print(f"dry run: model, mode, data ({len(prep.dataset)} items per epoch) and optimiser are built; nothing trained")
+                            console.print(
+                                f"dry run: model, mode, data ({len(prep.dataset)} items per epoch) and "
+                                "optimiser are built; nothing trained"
+                            )
                     return
                 if dist_info.main:
                     _describe(prep)
                 summary = train_run(prep, console=console if dist_info.main else None)
-                if summary.get("status") == "stopped":
-                    if dist_info.main:
-                        console.print(f"stopped after step {summary['step']} (train.stop_after_steps); continue with --resume --out {base_out or prep.out}")
-                    return
                 summaries.append((seed, summary))
                 if dist_info.main:
                     console.print(f"written: {prep.out}", highlight=False)
@@ -120,19 +134,30 @@ def _run(spec, seeds: list[int] | None, dry_run: bool, as_json: bool) -> None:
         shutdown(dist_info)
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value, NaN for none)."""
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
 def _seed_summary(summaries, folder: Path) -> None:
     """Per-seed results and their mean ± std (sample standard deviation), printed and written to
     ``seeds.json`` in ``folder``."""
-    from rich.table import Table
-
-    from ..evaluation import atomic_write_text
-    from ..training.run import mean_std
-
     keys = ("best_val_AP", "test_AP", "test_AP50")
     rows = []
     for seed, s in summaries:
         test = s.get("test") or {}
-        rows.append({"seed": seed, "best_val_AP": s.get("best_val_AP"), "test_AP": test.get("AP"), "test_AP50": test.get("AP50")})
+        rows.append(
+            {
+                "seed": seed,
+                "best_val_AP": s.get("best_val_AP"),
+                "test_AP": test.get("AP"),
+                "test_AP50": test.get("AP50"),
+            }
+        )
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     table = Table(title="few-shot seeds", show_edge=False)
     table.add_column("seed", justify="right")
@@ -153,13 +178,14 @@ def _seed_summary(summaries, folder: Path) -> None:
     table.add_row("[bold]mean ± std[/]", *cells)
     console.print(table)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(folder) / "seeds.json", json.dumps(out, indent=2) + "\n")
+    write_text(Path(folder) / "seeds.json", json.dumps(out, indent=2) + "\n")
 
 
 @handle_errors
 def finetune_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Base model: official GLIP .pth or .safetensors."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Base model: a name (glip weights list) or an official .pth / .safetensors "
+                                "[default: the recipe's weights, else glip-t; with --variant and no --weights: random initial weights]."),
     mode: str = typer.Option("full", "--mode", "-m", help=MODE_HELP),
     shots: int = typer.Option(0, "--shots", min=0, help="K-shot training subset (1, 3, 5, 10; 0 = all data)."),
     seeds: str = typer.Option(None, "--seeds", help="Few-shot draws to run, e.g. 3,30,300 (mean ± std reported)."),
@@ -168,8 +194,19 @@ def finetune_command(
     out: Path = typer.Option(None, "--out", "-o", help="Run folder [runs/finetune/RECIPE/MODE]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a finished or unfinished run in --out."),
-    sets: list[str] = typer.Option(None, "--set", help="Override: train.lr=1e-4, train.lora.rank=16, model.head.gradient_checkpointing=true, evaluation.min_size=600"),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
+    sets: list[str] = typer.Option(
+        None,
+        "--set",
+        help="Override: train.lr=1e-4, train.lora.rank=16, model.head.gradient_checkpointing=true, "
+        "evaluation.min_size=600",
+    ),
+    data_root: Path = typer.Option(
+        Path("DATASET"),
+        "--data-root",
+        "-d",
+        envvar="GLIP_DATA",
+        help="Folder the recipe's paths are under (glip data download fills it).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build everything, print the trainable parameters, exit."),
@@ -180,12 +217,12 @@ def finetune_command(
     val_images: Path = typer.Option(None, "--val-images"),
     test_ann: Path = typer.Option(None, "--test-ann", help="Test COCO JSON (with --test-images)."),
     test_images: Path = typer.Option(None, "--test-images"),
-    variant: str = typer.Option(None, "--variant", help="glip-t | glip-t-a | glip-l | test-tiny (without --weights: untrained)."),
+    variant: str = typer.Option(
+        None, "--variant", help="glip-t | glip-t-a | glip-l | test-tiny (without --weights: untrained)."
+    ),
     workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes per process."),
 ):
     """Transfer a GLIP model to a dataset: full fine-tuning, prompt tuning, linear probing, LoRA or text-only."""
-    from ..training.run import RunSpec
-
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
     if recipe is None and ann is None:
@@ -194,24 +231,47 @@ def finetune_command(
         fail("--json goes with --dry-run")
     seed_list = _parse_seeds(seeds)
     if seed_list and not shots:
-        err_console.print("[yellow]note:[/] --seeds draws few-shot subsets; without --shots every seed trains on all the data")
-    spec = RunSpec(mode=mode, recipe=recipe, weights=weights, variant=variant, out=out, shots=shots, epochs=epochs,
-                   batch_size=batch_size, sets=list(sets or []), data_root=data_root, device=device, tokenizer=tokenizer,
-                   ann=ann, images=images, val_ann=val_ann, val_images=val_images, test_ann=test_ann, test_images=test_images,
-                   resume=resume, force=force, workers=workers)  # fmt: skip
+        err_console.print(
+            "[yellow]note:[/] --seeds draws few-shot subsets; without --shots every seed trains on all the data"
+        )
+    spec = dict(
+        mode=mode,
+        recipe=recipe,
+        weights=weights,
+        variant=variant,
+        out=out,
+        shots=shots,
+        epochs=epochs,
+        batch_size=batch_size,
+        sets=list(sets or []),
+        data_root=data_root,
+        device=device,
+        tokenizer=tokenizer,
+        ann=ann,
+        images=images,
+        val_ann=val_ann,
+        val_images=val_images,
+        test_ann=test_ann,
+        test_images=test_images,
+        resume=resume,
+        force=force,
+        workers=workers,
+    )
     _run(spec, seed_list, dry_run, as_json)
 
 
 @handle_errors
 def pretrain_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe whose train split is the (detection) data."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Initial weights (official .pth or .safetensors)."),
+    weights: str = typer.Option(None, "--weights", "-w", help="Initial weights: a name (glip weights list) or an official .pth / .safetensors."),
     out: Path = typer.Option(None, "--out", "-o", help="Run folder [runs/pretrain/RECIPE]."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     force: bool = typer.Option(False, "--force", help="Overwrite a run in --out."),
     epochs: int = typer.Option(None, "--epochs", min=1),
     batch_size: int = typer.Option(None, "--batch-size", "-b", min=1, help="Global batch size [64]."),
-    sets: list[str] = typer.Option(None, "--set", help="Override: train.lr=..., model.head.gradient_checkpointing=true"),
+    sets: list[str] = typer.Option(
+        None, "--set", help="Override: train.lr=..., model.head.gradient_checkpointing=true"
+    ),
     data_root: Path = typer.Option(Path("."), "--data-root", "-d"),
     device: str = typer.Option("auto", "--device"),
     tokenizer: str = typer.Option(None, "--tokenizer"),
@@ -225,21 +285,29 @@ def pretrain_command(
     workers: int = typer.Option(None, "--workers", min=0),
 ):
     """Pretrain (all parameters) on grounding data or on detection data turned into grounding."""
-    from ..training.run import RunSpec
-
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
     if recipe is None and ann is None:
         fail("give --recipe NAME, or --ann FILE with --images DIR")
-    spec = RunSpec(mode="full", recipe=recipe, weights=weights, variant=variant, out=out, epochs=epochs, batch_size=batch_size,
-                   sets=list(sets or []), data_root=data_root, device=device, tokenizer=tokenizer, ann=ann, images=images,
-                   val_ann=val_ann, val_images=val_images, resume=resume, force=force, workers=workers, pretrain=True)  # fmt: skip
+    spec = dict(
+        mode="full",
+        recipe=recipe,
+        weights=weights,
+        variant=variant,
+        out=out,
+        epochs=epochs,
+        batch_size=batch_size,
+        sets=list(sets or []),
+        data_root=data_root,
+        device=device,
+        tokenizer=tokenizer,
+        ann=ann,
+        images=images,
+        val_ann=val_ann,
+        val_images=val_images,
+        resume=resume,
+        force=force,
+        workers=workers,
+        pretrain=True,
+    )
     _run(spec, None, dry_run, as_json)
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
-app.command("finetune")(finetune_command)
-app.command("pretrain")(pretrain_command)
-
-if __name__ == "__main__":  # python -m glip_transfer.commands.train finetune ... (before cli.py registers them)
-    app()

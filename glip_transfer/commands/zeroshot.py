@@ -3,70 +3,60 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
-from .common import console, default_tokenizer, err_console, fail, handle_errors, progress_bar, resolve_device
+from ..checkpoint import load_model
+from ..config import split_overrides
+from ..data import DetectionDataset, default_workers, load_coco, make_loader
+from ..evaluation import (
+    PARTIAL_RESULTS,
+    PartialResults,
+    crowded_images,
+    evaluate_detections,
+    per_category_table,
+    summary_table,
+    write_results,
+)
+from ..files import OutputError, is_direct, write_text
+from ..hub import DEFAULT_WEIGHTS
+from ..recipes import (
+    adhoc_recipe,
+    categories_not_in_recipe,
+    dataset_name,
+    evaluation_prompt,
+    load_recipe,
+    override_recipe,
+    safe_name,
+    split_paths,
+)
+from ..runlock import RunLock
+from ..runtime import progress_bar, resolve_device
+from ..tokenizer import default_tokenizer, load_tokenizer
+from .common import console, fail, handle_errors, note, warn
 
-app = typer.Typer(help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True)
-
-PARTIAL = "partial_results.jsonl"
-
-
-def split_overrides(sets: list[str]) -> tuple[list[str], list[str]]:
-    """``--set`` keys starting with ``model.`` configure the model, the rest the recipe."""
-    model, recipe = [], []
-    for item in sets or []:
-        (model if item.startswith("model.") else recipe).append(item.removeprefix("model."))
-    return model, recipe
-
-
-def adhoc_recipe(ann: Path, images: Path):
-    """A recipe for a COCO dataset given by files: categories from the annotation file."""
-    from ..recipes import parse_recipe
-
-    return parse_recipe(
-        {
-            "name": ann.stem,
-            "splits": {"val": {"ann_file": str(ann.resolve()), "img_dir": str(images.resolve())}},
-            "categories": "from_annotations",
-        },
-        where=str(ann),
-    )
-
-
-def load_partial(path: Path) -> tuple[set, list[dict]]:
-    """Image ids done and results written by an interrupted run; a line is one batch
-    ``{"image_ids": [...], "results": [...]}`` (a torn last line is ignored: that batch reruns)."""
-    done, results = set(), []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                batch = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            done.update(batch["image_ids"])
-            results.extend(batch["results"])
-    return done, results
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "run"
-
+app = typer.Typer(
+    help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True
+)
 
 @app.command("eval")
 @handle_errors
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: Path = typer.Option(None, "--weights", "-w", help="Official GLIP .pth, .safetensors or glip-nano (default: the recipe's)."),
-    data_root: Path = typer.Option(Path("."), "--data-root", "-d", help="Folder the recipe's paths are under."),
+    weights: str = typer.Option(
+        None, "--weights", "-w", help="A name (glip weights list) or a file: official GLIP .pth or .safetensors [the recipe's weights, else glip-t]."
+    ),
+    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help="Folder the recipe's paths are under (glip data download fills it)."),
     split: str = typer.Option(None, "--split", help="val | test (default: the recipe's)."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1),
-    out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE]."),
-    sets: list[str] = typer.Option(None, "--set", help="Override: evaluation.min_size=600, model.postprocess.nms_thresh=0.5"),
+    batch_size: int = typer.Option(
+        None, "--batch-size", "-b", min=1, help="Images per forward [evaluation.batch_size: 1 on CPU, 4 on CUDA]."
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder [runs/zeroshot/RECIPE or DATASET]."),
+    sets: list[str] = typer.Option(
+        None, "--set", help="Override: evaluation.min_size=600, model.postprocess.nms_thresh=0.5"
+    ),
     ann: Path = typer.Option(None, "--ann", help="COCO JSON of a dataset without a recipe (with --images)."),
     images: Path = typer.Option(None, "--images", help="Image folder of --ann."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
@@ -76,110 +66,170 @@ def eval_command(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or vocab folder (env GLIP_TOKENIZER)."),
     adapter: Path = typer.Option(None, "--adapter", help="A glip finetune artifact to apply."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
-    amp: bool = typer.Option(False, "--amp", help="CUDA mixed precision (bf16/fp16); CPU stays float32."),
-    workers: int = typer.Option(0, "--workers", min=0, help="Image loading processes."),
+    amp: bool = typer.Option(
+        False, "--amp", help="CUDA mixed precision (bf16/fp16; evaluation.amp); CPU stays float32."
+    ),
+    workers: int = typer.Option(None, "--workers", min=0, help="Image loading processes [default: 1 on CPU, up to 8 on CUDA]."),
     no_text_cache: bool = typer.Option(False, "--no-text-cache", hidden=True, help="Re-run BERT per batch."),
 ):
     """Evaluate on a recipe's dataset (or --ann/--images) and write COCO results and AP tables."""
-    from ..checkpoint import load_model
-    from ..config import apply_overrides
-    from ..data import DetectionDataset, load_coco, make_loader
-    from ..evaluation import coco_evaluate, lvis_evaluate, per_category_table, summary_table, write_results
+    # the model (torchvision: a second to import) loads when the command runs, not for `glip --help`
     from ..inference import EncodedPrompt, evaluate_dataset
-    from ..prompts import load_tokenizer
-    from ..recipes import categories_not_in_recipe, evaluation_prompt, load_recipe, parse_recipe, recipe_to_dict, split_paths
+    from ..provenance import DETECTION, changes, describe, evaluation_record, identity
+    from ..training.artifacts import apply_adapter
 
     if (recipe is None) == (ann is None):
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if (ann is None) != (images is None):
         fail("--ann and --images go together")
-    model_sets, recipe_sets = split_overrides(sets)
-    rec = load_recipe(recipe) if recipe else adhoc_recipe(ann, images)
-    if recipe_sets:
-        data = {k: v for k, v in recipe_to_dict(rec).items() if k != "path"}
-        rec = parse_recipe(apply_overrides(data, recipe_sets), where=f"--set on {rec.name}", path=rec.path)
-    files = rec.split(split)
-    if weights is None:
-        if rec.weights is None:
-            fail(f"recipe {rec.name} names no default weights: pass --weights (an official GLIP .pth or a .safetensors)")
-        weights = Path(rec.weights)
-
-    out = out or Path("runs") / "zeroshot" / safe_name(rec.name)
-    partial_path = out / PARTIAL
-    done_ids: set = set()
-    results: list[dict] = []
-    if partial_path.exists() and not force:
-        if not resume:
-            fail(f"{out} has results of an earlier run: pass --resume to continue it or --force to start over")
-        done_ids, results = load_partial(partial_path)
-    elif (out / "metrics.json").exists() and not force:
-        fail(f"{out} holds a finished evaluation: pass --force to overwrite it, or choose another --out")
+    sets_by = split_overrides(sets, ("model",))
+    rec = override_recipe(load_recipe(recipe) if recipe else adhoc_recipe({"val": (ann, images)}), sets_by["recipe"])
+    split = split or rec.evaluation.split
     ann_file, img_dir = split_paths(rec, split, data_root)
-    out.mkdir(parents=True, exist_ok=True)
-    if force and partial_path.exists():
-        partial_path.unlink()
-
-    coco = load_coco(ann_file, require_annotations=False)
+    files = rec.split(split)
+    weights = weights or rec.weights or DEFAULT_WEIGHTS
     ev = rec.evaluation
-    overrides = [f"input.min_size={ev.min_size}", f"input.max_size={ev.max_size}", f"postprocess.detections_per_img={ev.detections_per_img}"]
-    model, _ = load_model(weights, variant=variant, tokenizer=tokenizer, overrides=overrides + model_sets)
-    tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
-    detection_prompt = evaluation_prompt(rec, tok, list(coco.categories.values()))
-    for notice in detection_prompt.notices:
-        err_console.print(f"[yellow]note:[/] {notice}")
-    unprompted = categories_not_in_recipe(rec, list(coco.categories.values()))
-    if unprompted:
-        err_console.print(f"[yellow]note:[/] {len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
-                          + ", ".join(repr(n) for _, n in unprompted[:5]))  # fmt: skip
-    encoded = EncodedPrompt.from_chunks(tok, detection_prompt.chunks, model.cfg.language.max_query_len)
-    prompt_offset = None
-    if adapter is not None:
-        from ..training.artifacts import apply_adapter
+    if amp:
+        ev.amp = True
 
-        model, prompt_offset = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
-    dev = resolve_device(device)
-    model = model.to(dev).eval()
+    out = out or default_out(rec, split, ann)
+    check_outputs(out, export_odinw, force)
+    with RunLock(out) as lock:
+        if lock.notice:
+            note(lock.notice)
+        partial = PartialResults(out / PARTIAL_RESULTS)
+        saved, done_ids, results = None, set(), []
+        if partial.exists() and not force:
+            if not resume:
+                fail(f"{out} has results of an earlier run: pass --resume to continue it or --force to start over")
+            saved, done_ids, results = partial.read()
+        elif (out / "metrics.json").exists() and not force:
+            fail(f"{out} holds a finished evaluation: pass --force to overwrite it, or choose another --out")
 
-    dataset = DetectionDataset(coco, img_dir, model.cfg.input)
-    if dataset.num_missing:
-        err_console.print(f"[yellow]warning:[/] {dataset.num_missing} image(s) listed in {ann_file.name} are missing on disk: skipped")
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers)
-    chunks_note = f", {len(encoded.chunks)} prompt chunks" if len(encoded.chunks) > 1 else ""
-    console.print(f"[bold]{rec.name}[/]: {len(dataset)} images ({files.img_dir}){chunks_note}; "
-                  f"model {model.cfg.variant} on {dev}" + (f"; resuming after {len(done_ids)} images" if done_ids else ""))  # fmt: skip
+        coco = load_coco(ann_file, require_annotations=False)
+        model, _ = load_model(
+            weights, variant=variant, tokenizer=tokenizer, overrides=ev.model_overrides() + sets_by["model"]
+        )
+        tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
+        detection_prompt = evaluation_prompt(rec, tok, list(coco.categories.values()))
+        for notice in detection_prompt.notices:
+            note(notice)
+        unprompted = categories_not_in_recipe(rec, list(coco.categories.values()))
+        if unprompted:
+            note(
+                f"{len(unprompted)} annotation categories are not in the recipe and cannot be detected: "
+                + ", ".join(repr(n) for _, n in unprompted[:5])
+            )
+        encoded = EncodedPrompt.from_chunks(tok, detection_prompt.chunks, model.cfg.language.max_query_len)
+        if adapter is not None:
+            model = apply_adapter(model, adapter, weights=weights, captions=encoded.captions)
+        dev = resolve_device(device)
+        model = model.to(dev).eval()
+        batch_size = batch_size or ev.batch_size_on(dev)
+        provenance = evaluation_record(
+            weights=weights,
+            model=model,
+            adapter=adapter,
+            recipe=rec,
+            split=split,
+            ann_file=ann_file,
+            img_dir=img_dir,
+            encoded=encoded,
+            evaluation=ev,
+            batch_size=batch_size,
+            device=dev,
+            overrides=sets or [],
+        )
+        if saved is None and done_ids:
+            fail(
+                f"{partial.path} does not record the settings that made it (an earlier version wrote it): "
+                "pass --force to start over"
+            )
+        if saved is not None:
+            diff = changes(identity(saved, DETECTION), identity(provenance, DETECTION))
+            if diff:
+                fail(
+                    f"{out}: cannot resume: its partial results were made with other settings ({describe(diff)}); "
+                    "resume with the same ones, or pass --force to start over"
+                )
+            provenance["started"] = saved.get("date")
+        else:
+            partial.start(provenance)
 
-    written = [len(results)]
-    with open(partial_path, "a", encoding="utf-8") as partial, progress_bar() as bar:
-        task = bar.add_task("zero-shot", total=len(dataset), completed=len(done_ids), info="")
+        dataset = DetectionDataset(coco, img_dir, model.cfg.input)
+        crowded = crowded_images(dataset, model.cfg.postprocess.detections_per_img)
+        if crowded:
+            warn(crowded)
+        workers = default_workers(dev) if workers is None else workers
+        loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
+        chunks_note = f", {len(encoded.chunks)} prompt chunks" if len(encoded.chunks) > 1 else ""
+        already = sum(1 for entry in dataset.entries if entry[0] in done_ids)
+        console.print(
+            f"[bold]{escape(rec.name)}[/]: {len(dataset)} images ({escape(files.img_dir)}){chunks_note}; "
+            f"model {model.cfg.variant} on {dev}" + (f"; resuming after {already} images" if already else ""),
+            highlight=False,
+        )
 
-        def on_batch(image_ids: list, batch_results: list[dict]) -> None:
-            partial.write(json.dumps({"image_ids": image_ids, "results": batch_results}) + "\n")
-            partial.flush()
-            os.fsync(partial.fileno())
-            written[0] += len(batch_results)
-            bar.update(task, info=f"{written[0]} detections")
+        written = [len(results)]
+        try:
+            with partial.appender() as lines, progress_bar() as bar:
+                task = bar.add_task("zero-shot", total=len(dataset), completed=already, info="", unit="img")
 
-        new = evaluate_dataset(
-            model, loader, encoded, device=dev, prompt_offset=prompt_offset, cache_text=not no_text_cache,
-            on_batch=on_batch, skip_image_ids=done_ids, amp=amp,
-            progress=lambda n: bar.update(task, advance=n),
-        )  # fmt: skip
-        results.extend(new)
+                def on_batch(image_ids: list, batch_results: list[dict]) -> None:
+                    partial.add(lines, image_ids, batch_results)
+                    written[0] += len(batch_results)
+                    bar.update(task, info=f"{written[0]} detections")
 
-    if rec.evaluation.metric.startswith("lvis"):
-        metrics = lvis_evaluate(ann_file, results, max_dets=ev.detections_per_img)
-        metrics.setdefault("per_category", [])
-    else:
-        metrics = coco_evaluate(coco, results)
-    metrics["recipe"] = rec.name
-    metrics["captions"] = encoded.captions
-    paths = write_results(out, results, metrics)
-    if export_odinw is not None:
-        from ..evaluation import atomic_write_text
+                new = evaluate_dataset(
+                    model,
+                    loader,
+                    encoded,
+                    device=dev,
+                    cache_text=not no_text_cache,
+                    on_batch=on_batch,
+                    skip_image_ids=done_ids,
+                    amp=ev.amp,
+                    progress=lambda n: bar.update(task, advance=n),
+                )
+            results.extend(new)
+            position = {entry[0]: i for i, entry in enumerate(dataset.entries)}  # dataset order, however run
+            results.sort(key=lambda r: position.get(r["image_id"], len(position)))
 
-        atomic_write_text(export_odinw, json.dumps({rec.name.split("/", 1)[-1]: results}))
-    partial_path.unlink(missing_ok=True)
-    console.print(summary_table(metrics, title=f"{rec.name} ({files.img_dir})"))
+            metrics = evaluate_detections(
+                dataset, results, metric=ev.metric, max_dets=model.cfg.postprocess.detections_per_img
+            )
+            metrics["recipe"] = rec.name
+            metrics["captions"] = encoded.captions
+            metrics["provenance"] = provenance
+            paths = write_results(out, results, metrics)
+            if export_odinw is not None:
+                write_text(export_odinw, json.dumps({rec.name.split("/", 1)[-1]: results}))
+        except OutputError as e:
+            fail(f"{e}; the detections so far are kept in {partial.path}: continue with --resume")
+        partial.remove()
+    console.print(summary_table(metrics, title=escape(f"{rec.name} ({files.img_dir})")))
     if metrics.get("per_category"):
         console.print(per_category_table(metrics["per_category"]))
-    console.print(f"written: {', '.join(str(p) for p in paths.values())}")
+    console.print(f"written: {', '.join(str(p) for p in paths.values())}", highlight=False)
+
+
+def default_out(rec, split: str, ann: Path | None) -> Path:
+    """``runs/zeroshot/<recipe>`` (``_<split>`` for a split other than the recipe's), or for
+    ``--ann`` the dataset's folder name (:func:`~glip_transfer.recipes.dataset_name`): Roboflow's
+    ``<name>/valid/_annotations.coco.json`` files do not all land in one folder."""
+    if ann is not None:
+        return Path("runs") / "zeroshot" / dataset_name(ann)
+    name = safe_name(rec.name) + ("" if split == rec.evaluation.split else f"_{split}")
+    return Path("runs") / "zeroshot" / name
+
+
+def check_outputs(out: Path, export_odinw: Path | None, force: bool) -> None:
+    """One-line errors before any work: ``--out`` must be a folder, ``--export-odinw`` a file that
+    is not there yet (or ``--force``)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder (it gets bbox.json, metrics.json, per_category.csv, report.md)")
+    if export_odinw is not None:
+        if export_odinw.is_dir():
+            fail(f"--export-odinw {export_odinw} is a folder; give a file name, e.g. {export_odinw / 'odinw.json'}")
+        if export_odinw.exists() and not is_direct(export_odinw) and not force:
+            fail(f"--export-odinw {export_odinw} exists: pass --force to overwrite it, or give another file")

@@ -57,7 +57,14 @@ class BiMultiHeadAttention(nn.Module):
         self.values_l_proj = nn.Linear(l_dim, embed_dim)
         self.out_v_proj = nn.Linear(embed_dim, v_dim)
         self.out_l_proj = nn.Linear(embed_dim, l_dim)
-        for layer in (self.v_proj, self.l_proj, self.values_v_proj, self.values_l_proj, self.out_v_proj, self.out_l_proj):
+        for layer in (
+            self.v_proj,
+            self.l_proj,
+            self.values_v_proj,
+            self.values_l_proj,
+            self.out_v_proj,
+            self.out_l_proj,
+        ):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -80,11 +87,15 @@ class BiMultiHeadAttention(nn.Module):
         """Both softmaxes of the shared scores (visual positions along ``visual_dim``, text tokens
         along ``text_dim``): ``(probs_v, probs_l)``, dropout applied."""
         scores = scores.clamp(-CLAMP, CLAMP)
-        # text -> image: softmax over ALL visual positions (image padding is not masked)
-        scores_t = (scores - scores.amax(dim=visual_dim, keepdim=True)).clamp(-CLAMP, CLAMP)
-        probs_l = scores_t.softmax(dim=visual_dim)
-        # image -> text: softmax over the real tokens only
-        if mask_l is not None:
+        # text -> image: softmax over ALL visual positions (image padding is not masked). The
+        # reference subtracts the max over that axis and clamps at -CLAMP first; softmax makes the
+        # same subtraction itself (the max of the shifted scores is exactly 0, so exp() gets the
+        # same arguments) and whatever the clamp changes has exp() == 0 either way: the same
+        # probabilities, bit for bit, without two passes over [B, N, heads, T]
+        probs_l = scores.softmax(dim=visual_dim)
+        # image -> text: softmax over the real tokens only (nothing to mask when all are real, as
+        # for a caption cut to its own length)
+        if mask_l is not None and not bool(mask_l.all()):
             # the reference adds -9e15; the most negative value of the dtype gives the same zeros and
             # does not overflow float16
             shape = [mask_l.shape[0], 1, 1, 1]
@@ -143,7 +154,9 @@ class BiMultiHeadAttention(nn.Module):
 class BiAttentionBlock(nn.Module):
     """LayerNorm both sides, cross-attend, add the layer-scaled update: ``out = LN(x) + gamma * delta``."""
 
-    def __init__(self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_values: float, dropout: float = 0.1):
+    def __init__(
+        self, v_dim: int, l_dim: int, embed_dim: int, num_heads: int, init_values: float, dropout: float = 0.1
+    ):
         super().__init__()
         self.layer_norm_v = nn.LayerNorm(v_dim)
         self.layer_norm_l = nn.LayerNorm(l_dim)

@@ -13,9 +13,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import HeadConfig, LanguageConfig
+from .autograd import grad_if_needed
 from .deform import modulated_deform_conv3x3
 from .fusion import CLAMP, HeadBertLayer, VLFuse
 from .language import TextFeatures
+
+PREDICTORS = ("bbox_pred", "centerness", "dot_product_projection_text", "log_scale", "bias_lang", "bias0")
+"""The head's prediction layers (official ``linear_prob``: its name patterns ``bbox_pred``,
+``cls_logits``, ``centerness``, ``cosine_scale``, ``dot_product_projection_text``,
+``head.log_scale``, ``head.bias_lang``, ``head.bias0`` over the rpn's parameters, less
+``cls_logits``, frozen by the dot-product token loss, and ``cosine_scale``, which GLIP lacks; the
+per-level ``scales`` match none of them)."""
 
 
 def h_sigmoid(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +66,9 @@ class DyReLU(nn.Module):
         super().__init__()
         self.channels = channels
         self.fc = nn.Sequential(
-            nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True), nn.Linear(channels // reduction, channels * 4)
+            nn.Linear(channels, channels // reduction),
+            nn.ReLU(inplace=True),
+            nn.Linear(channels // reduction, channels * 4),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +77,8 @@ class DyReLU(nn.Module):
         a1, b1, a2, b2 = torch.split(y, c, dim=1)
         a1 = (a1 - 0.5) * 2 + 1.0
         a2 = (a2 - 0.5) * 2
-        return torch.max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5)
+        # max(x * a1 + b1 - 0.5, x * a2 + b2 - 0.5), the same operations, two full-size buffers
+        return torch.maximum((x * a1).add_(b1).sub_(0.5), (x * a2).add_(b2).sub_(0.5))
 
 
 def _offset_for_smaller_output(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -87,10 +98,15 @@ class DyConv(nn.Module):
     def __init__(self, channels: int, gn_groups: int, dyrelu_reduction: int = 4):
         super().__init__()
         self.DyConv = nn.ModuleList(
-            [Conv3x3Norm(channels, channels, 1, gn_groups), Conv3x3Norm(channels, channels, 1, gn_groups),
-             Conv3x3Norm(channels, channels, 2, gn_groups)]
+            [
+                Conv3x3Norm(channels, channels, 1, gn_groups),
+                Conv3x3Norm(channels, channels, 1, gn_groups),
+                Conv3x3Norm(channels, channels, 2, gn_groups),
+            ]
         )
-        self.AttnConv = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, kernel_size=1), nn.ReLU(inplace=True))
+        self.AttnConv = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, 1, kernel_size=1), nn.ReLU(inplace=True)
+        )
         self.relu = DyReLU(channels, dyrelu_reduction)
         self.offset = nn.Conv2d(channels, 27, kernel_size=3, stride=1, padding=1)
         for m in list(self.DyConv.modules()) + list(self.AttnConv.modules()):
@@ -101,23 +117,31 @@ class DyConv(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, visual: list[torch.Tensor]) -> list[torch.Tensor]:
+        # the CPU deformable kernel gathers rows of a channels-last copy of its input: make it once
+        # per level for the three convolutions that read the level (same values, another layout)
+        sampled = visual
+        if visual[0].device.type == "cpu":
+            sampled = [f.contiguous(memory_format=torch.channels_last) for f in visual]
         out = []
         for level, feature in enumerate(visual):
             offset_mask = self.offset(feature)
             offset = offset_mask[:, :18]
             mask = offset_mask[:, 18:].sigmoid()
-            terms = [self.DyConv[1](feature, offset, mask)]
+            terms = [self.DyConv[1](sampled[level], offset, mask)]
             if level > 0:
-                terms.append(self.DyConv[2](visual[level - 1], offset, mask))
+                terms.append(self.DyConv[2](sampled[level - 1], offset, mask))
             if level < len(visual) - 1:
                 h, w = visual[level + 1].shape[-2:]
                 upper = self.DyConv[0](
-                    visual[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
+                    sampled[level + 1], _offset_for_smaller_output(offset, h, w), _offset_for_smaller_output(mask, h, w)
                 )
                 terms.append(F.interpolate(upper, size=feature.shape[-2:], mode="bilinear", align_corners=True))
-            stacked = torch.stack(terms)  # [n_terms, B, C, H, W]
-            attn = h_sigmoid(torch.stack([self.AttnConv(t) for t in terms]))  # [n_terms, B, 1, 1, 1]
-            out.append(self.relu((stacked * attn).mean(dim=0)))
+            # the scale-attention-weighted mean of the terms, (stack(terms) * attn).mean(0) term by
+            # term: the same floats without the stacked copies
+            fused = terms[0] * h_sigmoid(self.AttnConv(terms[0]))
+            for term in terms[1:]:
+                fused = fused.add_(term * h_sigmoid(self.AttnConv(term)))
+            out.append(self.relu(fused.div_(len(terms))))
         return out
 
 
@@ -155,6 +179,7 @@ class VLDyHead(nn.Module):
     def __init__(self, cfg: HeadConfig, lang: LanguageConfig):
         super().__init__()
         self.cfg = cfg
+        self.grad_checkpointing = cfg.gradient_checkpointing
         c, t = cfg.channels, lang.hidden_size
         tower: list[nn.Module] = []
         for i in range(cfg.num_convs):
@@ -182,10 +207,19 @@ class VLDyHead(nn.Module):
         self.bias0 = nn.Parameter(torch.tensor([bias_value]))
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(5)])
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the tower's fusion and DyConv layers in the backward pass instead of keeping
+        their activations (official ``MODEL.DYHEAD.USE_CHECKPOINT``): less memory, more compute."""
+        self.grad_checkpointing = enable
+
+    def predictor_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the prediction layers (:data:`PREDICTORS`), names relative to the head."""
+        return [(n, p) for n, p in self.named_parameters() if n.split(".")[0] in PREDICTORS]
+
     def run_tower(self, visual: list[torch.Tensor], text: TextFeatures) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The tower alone: fused levels and final text features ``[B, T, Ct]``."""
         # checkpointing only pays when a backward will follow (also for a frozen head in eval mode)
-        recompute = self.cfg.gradient_checkpointing and torch.is_grad_enabled()
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         hidden = text.hidden
         for module in self.dyhead_tower:
             if isinstance(module, VLFuse):
@@ -215,7 +249,9 @@ class VLDyHead(nn.Module):
         return HeadOutputs(box_regression, centerness, token_logits)
 
     def forward(self, features: list[torch.Tensor], text: TextFeatures) -> HeadOutputs:
-        visual, hidden = self.run_tower(features, text)
+        # a frozen tower fed by inputs that need no gradient (linear probing) runs without autograd
+        with grad_if_needed(self.dyhead_tower, *features, text.hidden, text.embedded):
+            visual, hidden = self.run_tower(features, text)
         return self.predict(visual, hidden, text)
 
 

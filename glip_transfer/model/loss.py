@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import boxes as box_ops
+from ..config import MAX_QUERY_LEN
 from .head import HeadOutputs
 
 
@@ -47,7 +48,7 @@ class LossConfig:
     # every negative anchor target the last slot (index max_query_len - 1, the "no object" token);
     # like any target it only counts where the text mask is 1 there, i.e. for a caption that fills
     # (or was truncated to) all max_query_len tokens. Shorter padding never reaches that slot.
-    max_query_len: int = 256
+    max_query_len: int = MAX_QUERY_LEN
 
 
 @dataclass
@@ -167,7 +168,9 @@ def token_sigmoid_focal_loss(
     return loss.sum()
 
 
-def token_targets(matched: torch.Tensor, positive_map: torch.Tensor, num_tokens: int, no_object_slot: int) -> torch.Tensor:
+def token_targets(
+    matched: torch.Tensor, positive_map: torch.Tensor, num_tokens: int, no_object_slot: int
+) -> torch.Tensor:
     """Binary token targets ``[A, T]`` of one image: a positive anchor gets the ``> 0`` pattern of
     its box's positive-map row, a negative one a 1 at ``no_object_slot`` alone (if ``< T``)."""
     if positive_map.shape[1] > num_tokens:
@@ -238,7 +241,10 @@ class GLIPLoss(nn.Module):
         gt_boxes = [t.boxes.to(device=device, dtype=torch.float32) for t in targets]
         matched = self.assign(anchors, gt_boxes)
         token_target = torch.stack(
-            [token_targets(m, t.positive_map.to(device), num_tokens, cfg.max_query_len - 1) for m, t in zip(matched, targets)]
+            [
+                token_targets(m, t.positive_map.to(device), num_tokens, cfg.max_query_len - 1)
+                for m, t in zip(matched, targets)
+            ]
         )
 
         world = _world_size()
@@ -247,7 +253,9 @@ class GLIPLoss(nn.Module):
         total_pos = _reduce_sum(torch.tensor([float(num_pos)], device=device)).item()
         num_pos_avg = max(total_pos / world, 1.0)
 
-        token_loss = token_sigmoid_focal_loss(logits, token_target, text_mask.to(device), cfg.focal_alpha, cfg.focal_gamma)
+        token_loss = token_sigmoid_focal_loss(
+            logits, token_target, text_mask.to(device), cfg.focal_alpha, cfg.focal_gamma
+        )
         token_loss = token_loss / num_pos_avg
 
         pos_regression = regression[pos_img, pos_anchor]
@@ -256,13 +264,17 @@ class GLIPLoss(nn.Module):
         gt = torch.cat([boxes[m[m >= 0]] for boxes, m in zip(gt_boxes, matched)])  # same order as pos_*
         # the official encodes the boxes as regression targets and decodes them back for both the
         # GIoU and the centerness target (a float round trip; decode clamps dw, dh at log(1000/16))
-        gt = box_ops.decode(box_ops.encode(gt, pos_anchors, self.box_coder_weights), pos_anchors, self.box_coder_weights)
+        gt = box_ops.decode(
+            box_ops.encode(gt, pos_anchors, self.box_coder_weights), pos_anchors, self.box_coder_weights
+        )
         center_target = centerness_targets(pos_anchors, gt)
         center_sum_avg = _reduce_sum(center_target.sum()).item() / world  # every process joins the reduction
         if num_pos > 0:
             pred_boxes = box_ops.decode(pos_regression, pos_anchors, self.box_coder_weights)
             reg_loss = (giou_loss(pred_boxes, gt) * center_target).sum() / center_sum_avg
-            centerness_loss = F.binary_cross_entropy_with_logits(pos_centerness, center_target, reduction="sum") / num_pos_avg
+            centerness_loss = (
+                F.binary_cross_entropy_with_logits(pos_centerness, center_target, reduction="sum") / num_pos_avg
+            )
         else:
             # zero, but still attached to the graph
             reg_loss = pos_regression.sum()

@@ -73,7 +73,9 @@ def phrase_token_indices(positive_map: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(row > 0).squeeze(1) for row in positive_map]
 
 
-def phrase_scores(token_probs: torch.Tensor, token_indices: list[torch.Tensor], score_agg: str = "MEAN") -> torch.Tensor:
+def phrase_scores(
+    token_probs: torch.Tensor, token_indices: list[torch.Tensor], score_agg: str = "MEAN"
+) -> torch.Tensor:
     """Per-phrase scores ``[B, N, L]`` from token probabilities ``[B, N, T]``: the MEAN (or MAX) of
     the probabilities of each phrase's tokens; a phrase without tokens scores 0."""
     b, n, _ = token_probs.shape
@@ -152,7 +154,9 @@ def postprocess(
     token_indices = phrase_token_indices(positive_map)
     per_level = [
         level_candidates(r, c, t, a, token_indices, image_sizes, cfg, level)
-        for level, (r, c, t, a) in enumerate(zip(outputs.box_regression, outputs.centerness, outputs.token_logits, anchors))
+        for level, (r, c, t, a) in enumerate(
+            zip(outputs.box_regression, outputs.centerness, outputs.token_logits, anchors)
+        )
     ]
     return [select_detections(Detections.cat([lvl[i] for lvl in per_level]), cfg) for i in range(len(image_sizes))]
 
@@ -165,3 +169,29 @@ def merge_chunk_detections(parts: list[Detections], detections_per_img: int) -> 
     if detections_per_img > 0:
         order = order[:detections_per_img]
     return dets.index(order)
+
+
+def match_detections(a: Detections, b: Detections, iou_threshold: float = 0.99, score_tol: float = 1e-4) -> dict:
+    """Compare two detection sets of one image that should be equal up to float noise (another
+    batch size, another kernel, AMP): greedily, in ``a``'s score order, each detection of ``a`` is
+    paired with the unpaired one of ``b`` with the same label, IoU above ``iou_threshold``, score
+    within ``score_tol`` and the highest IoU (order alone cannot be compared: near-equal scores
+    swap places). Returns ``{"a", "b", "matched", "max_score_diff", "max_box_diff"}`` (the diffs
+    over the matched pairs, 0.0 when none)."""
+    matched, score_diff, box_diff = 0, 0.0, 0.0
+    if len(a) and len(b):
+        iou = box_ops.box_iou(a.boxes.float(), b.boxes.float())
+        ok = (a.labels[:, None] == b.labels[None]) & (iou > iou_threshold)
+        ok &= (a.scores[:, None].float() - b.scores[None].float()).abs() <= score_tol
+        iou = torch.where(ok, iou, torch.full_like(iou, -1.0))
+        free = torch.ones(len(b), dtype=torch.bool)
+        for i in torch.argsort(a.scores, descending=True, stable=True).tolist():
+            candidates = torch.where(free, iou[i], torch.full_like(iou[i], -1.0))
+            j = int(candidates.argmax())
+            if candidates[j] < 0:
+                continue
+            free[j] = False
+            matched += 1
+            score_diff = max(score_diff, abs(float(a.scores[i]) - float(b.scores[j])))
+            box_diff = max(box_diff, float((a.boxes[i].float() - b.boxes[j].float()).abs().max()))
+    return {"a": len(a), "b": len(b), "matched": matched, "max_score_diff": score_diff, "max_box_diff": box_diff}

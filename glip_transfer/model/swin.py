@@ -104,14 +104,20 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B*nW, heads, N, d]
-        attn = (q * self.scale) @ k.transpose(-2, -1)  # scale q first, like the reference
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        bias = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)  # [1, heads, N, N]
         if mask is not None:
             nw = mask.shape[0]
-            attn = attn.view(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
-            attn = attn.view(bw, self.num_heads, n, n)
-        out = attn.softmax(dim=-1) @ v  # [B*nW, heads, N, d]
+            bias = (bias + mask[:, None]).repeat(bw // nw, 1, 1, 1)  # [B*nW, heads, N, N]
+        q = q * self.scale  # scale q first, like the reference
+        if bias.requires_grad and torch.is_grad_enabled() and x.device.type == "cpu":
+            # SDPA's fused CPU kernel has no gradient for an additive mask (its math fallback is
+            # slower than this): training the bias table on a CPU takes the explicit product
+            out = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+        else:
+            # one fused kernel (flash attention on CPU, also with a float mask): no [B*nW, heads, N, N]
+            # logits in memory; same function (the bias and the -100 mask are additive)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
@@ -272,6 +278,11 @@ class SwinTransformer(nn.Module):
     @property
     def out_channels(self) -> list[int]:
         return [self.num_features[i] for i in self.out_indices]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in the backward pass of a training forward instead of keeping its activations."""
+        for layer in self.layers:
+            layer.use_checkpoint = enable
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(images)

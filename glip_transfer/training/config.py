@@ -1,6 +1,7 @@
 """Training configuration: :class:`TrainConfig`, filled from a recipe's official tuning settings
-(``recipes/*.yaml``, :class:`glip_transfer.recipes.Tuning`) for a transfer mode, then from the
-command line (``--epochs``, ``--batch-size``, ``--set train.lr=...``).
+(``recipes/*.yaml``, :class:`glip_transfer.recipes.Tuning`) for a transfer mode
+(:func:`glip_transfer.training.modes.train_config_for`), then from the command line
+(``--epochs``, ``--batch-size``, ``--set train.lr=...``).
 
 Where a value comes from in the official code is noted next to each field; values without a
 note are our own (LoRA and text-only tuning have no official counterpart).
@@ -8,17 +9,11 @@ note are our own (LoRA and text-only tuning have no official counterpart).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Literal
 
-from ..config import ConfigError, override_dataclass
-
-MODES = ("full", "prompt", "linear", "lora", "text")
-"""Transfer modes: the whole model (official ``full``), a prompt offset on the text features
-(official ``language_prompt_v2``), the head's prediction layers (official ``linear_prob``), LoRA
-adapters (peft) and the language backbone alone (official ``language_prompt_v1``)."""
-
-RECIPE_MODE = {"full": "full", "prompt": "prompt", "linear": "linear_probe"}
-"""Our mode name -> the recipe's ``tuning.modes`` entry."""
+from ..config import ConfigError, from_dict, override_dataclass, to_dict
+from ..runtime import AmpDtype
 
 OFFICIAL_MIN_SIZES = (480, 560, 640, 720, 800)  # AUGMENT.MULT_MIN_SIZE_TRAIN of the GLIP-T pretrain config
 
@@ -51,12 +46,13 @@ class TrainConfig:
     bias_weight_decay: float = 0.0  # SOLVER.WEIGHT_DECAY_BIAS
     norm_weight_decay_factor: float = 1.0  # SOLVER.WEIGHT_DECAY_NORM_FACTOR ("norm"/"Norm" in the name)
     backbone_lr_factor: float = 1.0  # SOLVER.BACKBONE_BODY_LR_FACTOR (Swin)
-    optimizer: str = "adamw"  # SOLVER.OPTIMIZER: adamw | sgd
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # SOLVER.OPTIMIZER
     momentum: float = 0.9  # SOLVER.MOMENTUM (sgd)
     warmup_iters: int = 0  # SOLVER.WARMUP_ITERS
     warmup_factor: float = 1.0 / 3  # SOLVER.WARMUP_FACTOR
-    warmup_method: str = "linear"  # SOLVER.WARMUP_METHOD: linear | constant
-    schedule: str = "plateau"  # plateau (USE_AUTOSTEP, x gamma on a val-AP plateau) | multistep | constant
+    warmup_method: Literal["linear", "constant"] = "linear"  # SOLVER.WARMUP_METHOD
+    # plateau (USE_AUTOSTEP: x gamma on a val-AP plateau) | multistep (STEPS) | constant
+    schedule: Literal["plateau", "multistep", "constant"] = "plateau"
     milestones: tuple[float, ...] = (0.67, 0.89)  # SOLVER.STEPS: < 1 fractions of all steps, else step numbers
     gamma: float = 0.1  # SOLVER.GAMMA
     lr_patience: int = 3  # SOLVER.STEP_PATIENCE (evaluations)
@@ -65,7 +61,7 @@ class TrainConfig:
     clip_grad_norm: float = 1.0  # SOLVER.CLIP_GRADIENTS full_model CLIP_VALUE (<= 0: off)
     ema: float = 0.0  # SOLVER.MODEL_EMA decay (0: off); when on, evaluation uses the averaged weights
     amp: bool = True  # SOLVER.USE_AMP (CUDA only: bf16 where supported, else fp16 with a GradScaler)
-    amp_dtype: str = "auto"  # auto | bfloat16 | float16 (float16 trains with a GradScaler)
+    amp_dtype: AmpDtype = "auto"  # auto: bf16 where supported, else fp16 (fp16 trains with a GradScaler)
     seed: int = 10  # SOLVER.SEED: initialisation of trainable additions, dropout, data order, augmentation
     shuffle_seed: int = 3  # DATASETS.SHUFFLE_SEED: which few-shot images are drawn
     workers: int = 0  # image loading processes (per process)
@@ -78,17 +74,17 @@ class TrainConfig:
     eval_batch_size: int = 4  # TEST.IMS_PER_BATCH
     eval_before: bool = False  # also evaluate the starting weights (logged as epoch 0; not used for selection)
     checkpoint_every_steps: int = 0  # also write `last` every N steps (0: after each epoch only)
-    stop_after_steps: int = 0  # end the process after N steps, as if killed (after writing `last`); 0: off
     max_steps: int = 0  # stop training after N steps in total (0: all epochs)
-    gradient_checkpointing: bool = False  # MODEL.DYHEAD.USE_CHECKPOINT: recompute the fused head in backward
     dropout: float | None = None  # override every dropout probability of the model (None: keep 0.1)
-    log_every: int = 1  # steps between log lines (the JSONL log has every step)
     negatives: int = 85  # DATASETS.RANDOM_SAMPLE_NEG (pretraining on detection data)
     few_shot_prepared: bool = False  # use the recipe's prepared few-shot files instead of sampling
     frozen: tuple[str, ...] = ()  # full mode: parameter-name prefixes that stay frozen (e.g. language_backbone)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def check(self) -> "TrainConfig":
+        """Validate every value (types and choices, then ranges); the first problem as a
+        one-line :class:`~glip_transfer.config.ConfigError`."""
+        from_dict(TrainConfig, to_dict(self), "train")
         problems = []
         if self.epochs < 1:
             problems.append(f"train.epochs must be >= 1, got {self.epochs}")
@@ -96,14 +92,6 @@ class TrainConfig:
             problems.append(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             problems.append(f"train.lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("adamw", "sgd"):
-            problems.append(f"train.optimizer {self.optimizer!r}: choose adamw or sgd")
-        if self.schedule not in ("plateau", "multistep", "constant"):
-            problems.append(f"train.schedule {self.schedule!r}: choose plateau, multistep or constant")
-        if self.amp_dtype not in ("auto", "bfloat16", "float16"):
-            problems.append(f"train.amp_dtype {self.amp_dtype!r}: choose auto, bfloat16 or float16")
-        if self.warmup_method not in ("linear", "constant"):
-            problems.append(f"train.warmup_method {self.warmup_method!r}: choose linear or constant")
         if not 0.0 <= self.ema < 1.0:
             problems.append(f"train.ema must be in [0, 1), got {self.ema}")
         if not self.min_sizes or min(self.min_sizes) < 1:
@@ -119,71 +107,28 @@ class TrainConfig:
         return self
 
 
-# Built-in settings of the modes that recipes do not carry (ours, not official).
-EXTRA_MODES = {
-    "lora": {"lr": 2e-4, "weight_decay": 0.0, "language_lr": None},
-    "text": {"lr": 1e-5, "weight_decay": 0.05, "language_lr": None},
-}
-
-
-def train_config_for(recipe=None, mode: str = "full", shots: int = 0) -> TrainConfig:
-    """The official settings of ``mode`` from a recipe's ``tuning`` (the built-in official
-    defaults of :class:`glip_transfer.recipes.Tuning` without one): optimiser, lr, weight decay,
-    frozen stages, schedule, patience, copies per epoch of the ``shots``-shot setting."""
-    from ..recipes import Tuning
-
-    if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
-    tuning = recipe.tuning if recipe is not None and recipe.tuning is not None else Tuning()
-    cfg = TrainConfig(
-        epochs=tuning.max_epochs,
-        batch_size=tuning.batch_size,
-        optimizer=tuning.optimizer.lower(),
-        warmup_iters=tuning.warmup_iters,
-        amp=tuning.use_amp,
-        clip_grad_norm=tuning.grad_clip_norm,
-        bias_lr_factor=tuning.bias_lr_factor,
-        bias_weight_decay=tuning.bias_weight_decay,
-        gamma=tuning.lr_decay_factor,
-        lr_patience=tuning.lr_patience,
-        min_lr=tuning.min_lr,
-        early_stop_patience=tuning.early_stop_patience,
-        eval_every_epochs=max(1, int(round(tuning.eval_every_epochs))),
-        ema=tuning.model_ema,
-        seed=tuning.seed,
-        shuffle_seed=tuning.shuffle_seed,
-        schedule="plateau",
-    )
-    if shots:
-        copies = tuning.few_shot_copies.get(shots)
-        if copies is None:
-            raise ConfigError(f"--shots {shots}: the recipe knows copies for {sorted(tuning.few_shot_copies)} shots; pass --set train.copies=N")
-        cfg.copies = copies
-    else:
-        cfg.copies = tuning.all_data.copies
-        cfg.lr_patience = tuning.all_data.lr_patience
-        cfg.early_stop_patience = tuning.all_data.early_stop_patience
-    if mode in RECIPE_MODE and RECIPE_MODE[mode] in tuning.modes:
-        m = tuning.modes[RECIPE_MODE[mode]]
-        cfg.lr, cfg.weight_decay = m.lr, m.weight_decay
-        cfg.language_lr = m.language_lr
-        if m.freeze_backbone_at is not None:
-            cfg.freeze_backbone_at = m.freeze_backbone_at
-    elif mode in EXTRA_MODES:
-        cfg = replace(cfg, **EXTRA_MODES[mode])
-    return cfg
-
-
 def pretrain_config(recipe_settings: dict | None = None) -> TrainConfig:
     """GLIP-T pretraining settings (``configs/pretrain/glip_Swin_T_O365_GoldG.yaml``): AdamW 1e-4,
     BERT 1e-5, weight decay 1e-4, steps at 67 % / 89 %, 2000 warm-up iterations from 0.001, EMA
     0.999, AMP, gradient clipping 1.0, nothing frozen (FREEZE_CONV_BODY_AT -1), 30 epochs, batch 64;
     then a recipe's ``pretraining.train`` settings replace any of them."""
     cfg = TrainConfig(
-        epochs=30, batch_size=64, lr=1e-4, language_lr=1e-5, weight_decay=1e-4, warmup_iters=2000, warmup_factor=0.001,
-        schedule="multistep", milestones=(0.67, 0.89), ema=0.999, amp=True, clip_grad_norm=1.0,
-        freeze_backbone_at=-1, early_stop_patience=0, seed=0,
-    )  # fmt: skip
+        epochs=30,
+        batch_size=64,
+        lr=1e-4,
+        language_lr=1e-5,
+        weight_decay=1e-4,
+        warmup_iters=2000,
+        warmup_factor=0.001,
+        schedule="multistep",
+        milestones=(0.67, 0.89),
+        ema=0.999,
+        amp=True,
+        clip_grad_norm=1.0,
+        freeze_backbone_at=-1,
+        early_stop_patience=0,
+        seed=0,
+    )
     if recipe_settings:
         from ..config import from_dict, to_dict
 

@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from ..config import MAX_QUERY_LEN
 from ..data import CocoData, DataError, TrainingDataset, _load_for_dataset, clip_and_filter, coco_boxes_to_xyxy
 from ..model.loss import GroundingTarget
-from ..prompts import SEPARATOR, clean_name, span_to_tokens
+from ..prompts import SEPARATOR, PromptChunk, clean_name, span_to_tokens, tokenize
 from ..transforms import TrainTransform, pad_batch
 
 # --------------------------------------------------------------------------- few-shot subsets
@@ -91,23 +92,33 @@ class FixedPrompt:
         return int(self.attention_mask.sum())
 
 
-def fixed_prompt(tokenizer, chunk, max_len: int = 256) -> FixedPrompt:
+def fixed_prompt(tokenizer, chunk: PromptChunk, max_len: int = MAX_QUERY_LEN) -> FixedPrompt:
     """The :class:`FixedPrompt` of a :class:`glip_transfer.prompts.PromptChunk` (the caption and
     positive map of ``glip_transfer.prompts.build_detection_prompt``, official semantics)."""
-    from ..prompts import tokenize
-
     enc = tokenize(tokenizer, chunk.text, max_len)
-    return FixedPrompt(chunk.text, enc["input_ids"], enc["attention_mask"], chunk.positive_map.clone(), list(chunk.category_ids))
+    return FixedPrompt(
+        chunk.text, enc["input_ids"], enc["attention_mask"], chunk.positive_map.clone(), list(chunk.category_ids)
+    )
 
 
 # --------------------------------------------------------------------------- datasets
 
 
-class _AugmentedCoco(TrainingDataset):
+class AugmentedCoco(TrainingDataset):
     """A :class:`TrainingDataset` repeated ``copies`` times whose item ``i`` draws from
     ``random.Random(f"{seed}:{epoch}:{i}")`` (each copy differently)."""
 
-    def __init__(self, coco, image_root, transform: TrainTransform, *, seed: int = 0, image_ids=None, copies: int = 1, exif="auto"):
+    def __init__(
+        self,
+        coco,
+        image_root,
+        transform: TrainTransform,
+        *,
+        seed: int = 0,
+        image_ids=None,
+        copies: int = 1,
+        exif="auto",
+    ):
         super().__init__(coco, image_root, transform, seed=seed, image_ids=image_ids, exif=exif)
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
@@ -132,11 +143,17 @@ class _AugmentedCoco(TrainingDataset):
         boxes, keep = clip_and_filter(coco_boxes_to_xyxy(boxes), pil.width, pil.height)
         anns = [a for a, k in zip(anns, keep.tolist()) if k]
         out = self.transform(pil, boxes, rng=self.rng(index))
-        info = {"image_id": image_id, "file": str(path), "original_size": (pil.height, pil.width), "resized_size": out.size, "flipped": out.flipped}
+        info = {
+            "image_id": image_id,
+            "file": str(path),
+            "original_size": (pil.height, pil.width),
+            "resized_size": out.size,
+            "flipped": out.flipped,
+        }
         return out.image, out.boxes, anns, info
 
 
-class DetectionGroundingDataset(_AugmentedCoco):
+class DetectionGroundingDataset(AugmentedCoco):
     """Detection data under one fixed prompt: item = ``(image, target)`` with ``target`` =
     ``{"boxes" [N, 4], "positive_map" [N, T] (the prompt's row of each box's category),
     "image_id", ...}``. Boxes of categories the prompt does not contain are dropped (official:
@@ -158,7 +175,9 @@ class DetectionGroundingDataset(_AugmentedCoco):
         return image, info
 
 
-def _token_rows(encoding, spans_per_box: Sequence[Sequence[tuple[int, int]]], max_len: int) -> tuple[torch.Tensor, list[bool]]:
+def _token_rows(
+    encoding, spans_per_box: Sequence[Sequence[tuple[int, int]]], max_len: int
+) -> tuple[torch.Tensor, list[bool]]:
     """Rows ``[N, max_len]`` of 0/1 token maps (official ``create_positive_map`` on char spans) and
     which boxes map to at least one token inside ``max_len``."""
     rows = torch.zeros((len(spans_per_box), max_len), dtype=torch.float32)
@@ -174,25 +193,28 @@ def _token_rows(encoding, spans_per_box: Sequence[Sequence[tuple[int, int]]], ma
     return rows, [bool(r.any()) for r in rows]
 
 
-class CaptionGroundingDataset(_AugmentedCoco):
+class CaptionGroundingDataset(AugmentedCoco):
     """Grounding data (MDETR / GoldG): each image entry has a ``caption``; each box a
     ``tokens_positive`` list of ``[start, end)`` character spans into it. Item = ``(image,
     target)`` with ``target["input_ids"]`` ``[T]`` (the caption's tokens, at most ``max_len``) and
     ``target["positive_map"]`` ``[N, T]``; boxes whose phrase has no token (or lies past
     ``max_len``) are dropped."""
 
-    def __init__(self, coco, image_root, transform, tokenizer, *, max_len: int = 256, **kwargs):
+    def __init__(self, coco, image_root, transform, tokenizer, *, max_len: int = MAX_QUERY_LEN, **kwargs):
         super().__init__(coco, image_root, transform, **kwargs)
         self.tokenizer = tokenizer
         self.max_len = max_len
         missing = [e[0] for e in self.entries if not isinstance(self.coco.images[e[0]].get("caption"), str)]
         if missing:
-            raise DataError(f"{self.coco.path}: image {missing[0]!r} has no 'caption'; grounding data needs a caption per image")
+            raise DataError(
+                f"{self.coco.path}: image {missing[0]!r} has no 'caption'; grounding data needs a caption per image"
+            )
         for anns in self.annotations.values():
             for a in anns:
                 if not isinstance(a.get("tokens_positive"), list):
                     raise DataError(
-                        f"{self.coco.path}: annotation {a.get('id')!r} has no 'tokens_positive' list of [start, end] character spans"
+                        f"{self.coco.path}: annotation {a.get('id')!r} has no 'tokens_positive' list of [start, end] "
+                        "character spans"
                     )
 
     def __getitem__(self, index: int):
@@ -202,12 +224,16 @@ class CaptionGroundingDataset(_AugmentedCoco):
         rows, ok = _token_rows(enc, [a["tokens_positive"] for a in anns], self.max_len)
         keep = torch.tensor(ok, dtype=torch.bool)
         n = len(enc["input_ids"])
-        info.update(boxes=boxes[keep] if ok else boxes[:0], positive_map=rows[keep][:, :n] if ok else rows[:0, :n],
-                    input_ids=torch.tensor(enc["input_ids"], dtype=torch.int64), caption=caption)  # fmt: skip
+        info.update(
+            boxes=boxes[keep] if ok else boxes[:0],
+            positive_map=rows[keep][:, :n] if ok else rows[:0, :n],
+            input_ids=torch.tensor(enc["input_ids"], dtype=torch.int64),
+            caption=caption,
+        )
         return image, info
 
 
-class DetectionPretrainDataset(_AugmentedCoco):
+class DetectionPretrainDataset(AugmentedCoco):
     """Detection data as grounding for pretraining (official
     ``convert_object_detection_to_grounding_optimized_for_od``, ``RANDOM_SAMPLE_NEG``,
     ``CONTROL_PROB (0, 0, 0.5, 0)``, separator ``". "``): the image's categories (shuffled, the
@@ -215,8 +241,18 @@ class DetectionPretrainDataset(_AugmentedCoco):
     and negatives — with probability ``full_negative_prob`` ``negatives`` of them, else a uniform
     1..``negatives`` — drawn among all categories, kept while they fit, the whole list shuffled."""
 
-    def __init__(self, coco, image_root, transform, tokenizer, *, negatives: int = 85, max_len: int = 256,
-                 full_negative_prob: float = 0.5, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        coco,
+        image_root,
+        transform,
+        tokenizer,
+        *,
+        negatives: int = 85,
+        max_len: int = MAX_QUERY_LEN,
+        full_negative_prob: float = 0.5,
+        **kwargs,
+    ):
         super().__init__(coco, image_root, transform, **kwargs)
         self.tokenizer = tokenizer
         self.max_len = max_len
@@ -272,7 +308,12 @@ class DetectionPretrainDataset(_AugmentedCoco):
         rows, ok = _token_rows(enc, [[spans[c]] if c in spans else [] for c in cats], self.max_len)
         keep = torch.tensor(ok, dtype=torch.bool).reshape(-1)
         n = len(enc["input_ids"])
-        info.update(boxes=boxes[keep], positive_map=rows[keep][:, :n], input_ids=torch.tensor(enc["input_ids"], dtype=torch.int64), caption=caption)
+        info.update(
+            boxes=boxes[keep],
+            positive_map=rows[keep][:, :n],
+            input_ids=torch.tensor(enc["input_ids"], dtype=torch.int64),
+            caption=caption,
+        )
         return image, info
 
 
@@ -295,7 +336,14 @@ class Batch:
     def to(self, device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         targets = [GroundingTarget(t.boxes.to(device), t.positive_map.to(device)) for t in self.targets]
-        return Batch(move(self.images), self.image_sizes, targets, self.image_ids, move(self.input_ids), move(self.attention_mask))
+        return Batch(
+            move(self.images),
+            self.image_sizes,
+            targets,
+            self.image_ids,
+            move(self.input_ids),
+            move(self.attention_mask),
+        )
 
 
 class Collate:
@@ -330,7 +378,9 @@ class EpochBatchSampler(Sampler):
     processes together see exactly the global batches of a single process. ``start`` skips the
     first batches (resuming within an epoch)."""
 
-    def __init__(self, length: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
+    def __init__(
+        self, length: int, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0
+    ):
         if batch_size % world:
             raise ValueError(f"the global batch size {batch_size} is not divisible by the {world} processes")
         self.length, self.batch_size, self.seed, self.epoch = length, batch_size, seed, epoch
@@ -351,24 +401,41 @@ class EpochBatchSampler(Sampler):
         for batch in self.global_batches()[self.start :]:
             per = len(batch) // self.world
             if per == 0:
-                raise ValueError(f"a batch of {len(batch)} images cannot be split over {self.world} processes; use more images or fewer processes")
+                raise ValueError(
+                    f"a batch of {len(batch)} images cannot be split over {self.world} processes; use more images or "
+                    "fewer processes"
+                )
             yield batch[self.rank * per : (self.rank + 1) * per]
 
     def __len__(self) -> int:
         return max(0, self.num_batches(self.length, self.batch_size) - self.start)
 
 
-def make_train_loader(dataset, batch_size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0,
-                      workers: int = 0, size_divisibility: int = 32):  # fmt: skip
+def make_train_loader(
+    dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    start: int = 0,
+    workers: int = 0,
+    size_divisibility: int = 32,
+):
     """A DataLoader over one epoch of ``dataset`` (its random stream set to ``epoch``)."""
-    from torch.utils.data import DataLoader
-
     dataset.set_epoch(epoch)
     sampler = EpochBatchSampler(len(dataset), batch_size, seed=seed, epoch=epoch, rank=rank, world=world, start=start)
     generator = torch.Generator()
     generator.manual_seed(seed * 100003 + epoch)  # worker seeds; keeps the global RNG untouched
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=Collate(size_divisibility),
-                      generator=generator, persistent_workers=False)  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=Collate(size_divisibility),
+        generator=generator,
+        persistent_workers=False,
+    )
 
 
 def is_grounding_file(coco: CocoData) -> bool:

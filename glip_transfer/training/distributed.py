@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ..runtime import resolve_device
 
 
 @dataclass
@@ -27,8 +30,6 @@ class DistInfo:
 def init_from_env(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
     """Join the process group when started by ``torchrun`` (``WORLD_SIZE`` > 1), else a single
     process; returns the ranks and this process's device."""
-    from ..commands.common import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo(), resolve_device(device_name)
@@ -39,8 +40,6 @@ def init_from_env(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        from datetime import timedelta
-
         # rank 0 alone evaluates while the others wait: allow long evaluations
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     return DistInfo(rank, world, local), device

@@ -16,20 +16,26 @@ weights and the early stop; the `last` checkpoint.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
+from rich.console import Console
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint import CheckpointError
+from ..model.autograd import needs_grad
 from ..model.glip import GLIP
 from ..model.language import TextFeatures, used_length
 from ..model.loss import GLIPLoss, GroundingTarget, LossConfig
+from ..runtime import autocast, autocast_dtype, progress_bar
 from .config import TrainConfig
 from .data import Batch, EpochBatchSampler, FixedPrompt, make_train_loader
 from .distributed import DistInfo, all_reduce_mean, all_true, barrier, broadcast_object
@@ -46,69 +52,59 @@ from .state import (
     save_last,
     save_state_file,
     set_rng_state,
+    trained_tensors,
 )
 
 
 class TrainModule(nn.Module):
-    """GLIP + the trainer-owned prompt offset + the loss: ``forward(images, targets, input_ids,
-    attention_mask)`` -> the loss dict. This is what DDP wraps."""
+    """GLIP + the loss: ``forward(images, targets, input_ids, attention_mask)`` -> the loss dict,
+    through the model's own forward. This is what DDP wraps.
+
+    A frozen language backbone in eval mode encodes the run's fixed caption once; the features
+    are reused every step (and dropped by :meth:`forget_text` when the weights change)."""
 
     def __init__(self, model: GLIP, plan: ModePlan, loss_cfg: LossConfig | None = None):
         super().__init__()
         self.model = model
         self.plan = plan
-        lang = model.cfg.language
-        if plan.prompt_offset:
-            # official language_prompt_v2: a zero-initialised Linear weight added to the text features
-            self.prompt_offset = nn.Parameter(torch.zeros(lang.max_query_len, lang.hidden_size))
-        else:
-            self.prompt_offset = None
-        loss_cfg = loss_cfg or LossConfig(max_query_len=lang.max_query_len)
+        loss_cfg = loss_cfg or LossConfig(max_query_len=model.cfg.language.max_query_len)
         self.criterion = GLIPLoss(loss_cfg, model.cfg.postprocess.box_coder_weights)
         self._text_cache: tuple[bytes, TextFeatures] | None = None
 
     def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
-        out = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if self.prompt_offset is not None:
-            out.append(("prompt_offset", self.prompt_offset))
-        return out
+        """The model's trainable parameters (official names), in the model's order."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def forget_text(self) -> None:
+        self._text_cache = None
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        """BERT over the captions cut to their longest real length (padding positions cannot
+        influence real tokens or the loss); cached for a frozen language backbone in eval mode."""
         n = used_length(attention_mask)
         ids, mask = input_ids[:, :n], attention_mask[:, :n]
-        if not self.plan.text_frozen:
+        language = self.model.language_backbone
+        if language.training or needs_grad(language):
             return self.model.encode_text(ids, mask)
         key = ids.cpu().numpy().tobytes() + str(ids.device).encode()
         if self._text_cache is not None and self._text_cache[0] == key:
             return self._text_cache[1]
         with torch.no_grad():
             feats = self.model.encode_text(ids, mask)
-        feats = TextFeatures(feats.hidden.detach(), feats.embedded.detach(), feats.mask)
         if ids.shape[0] == 1:  # the run's fixed caption: BERT runs once
             self._text_cache = (key, feats)
         return feats
 
-    def forward(self, images: torch.Tensor, targets: list[GroundingTarget], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:  # fmt: skip
-        model, plan = self.model, self.plan
-        text = self.text_features(input_ids, attention_mask)
-        num_tokens = text.hidden.shape[1]
-        if plan.backbone_frozen:
-            with torch.no_grad():
-                features = model.backbone(images)
-        else:
-            features = model.backbone(images)
-        text = text.expand(images.shape[0])
-        if self.prompt_offset is not None:
-            text = text.with_offset(self.prompt_offset)
-        head = model.rpn.head
-        if plan.tower_frozen:
-            with torch.no_grad():
-                visual, hidden = head.run_tower(features, text)
-            outputs = head.predict(visual, hidden, text)
-        else:
-            outputs = head(features, text)
-        anchors = model.rpn.anchor_generator([tuple(f.shape[-2:]) for f in features])
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: list[GroundingTarget],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        text = self.text_features(input_ids, attention_mask).expand(images.shape[0])
+        outputs, anchors = self.model(images, text)
+        num_tokens = text.mask.shape[1]
         targets = [GroundingTarget(t.boxes, t.positive_map[:, :num_tokens]) for t in targets]
         return self.criterion(outputs, anchors, targets, text.mask)
 
@@ -131,14 +127,17 @@ class TrainerState:
 
 @dataclass
 class TrainResult:
-    status: str  # finished | stopped (stop_after_steps)
+    status: Literal["finished", "stopped"]  # stopped: by the ``stop_after_steps`` hook
     state: TrainerState
     best_path: Path | None
 
 
 class Trainer:
-    """Runs epochs over ``dataset`` with ``module``; ``evaluate(model, prompt_offset) -> metrics``
-    gives the validation metrics (None: no validation; the last weights are the best)."""
+    """Runs epochs over ``dataset`` with ``module``; ``evaluate(model) -> metrics`` gives the
+    validation metrics (None: no validation; the last weights are the best).
+
+    ``stop_after_steps`` (tests and tools, not a setting): end after that many steps as if the
+    process were killed, after writing the ``last`` checkpoint (0: off)."""
 
     def __init__(
         self,
@@ -149,10 +148,11 @@ class Trainer:
         device: torch.device,
         out_dir: str | Path,
         prompt: FixedPrompt | None = None,
-        evaluate: Callable[[GLIP, torch.Tensor | None], dict] | None = None,
+        evaluate: Callable[[GLIP], dict] | None = None,
         dist_info: DistInfo | None = None,
-        console=None,
+        console: Console | None = None,
         progress: bool = True,
+        stop_after_steps: int = 0,
     ):
         self.module = module
         self.cfg = cfg
@@ -165,14 +165,13 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.console = console
         self.show_progress = progress and self.dist.main
+        self.stop_after_steps = stop_after_steps
         self.state = TrainerState()
         self.log = JsonlLog(self.out_dir / "log.jsonl") if self.dist.main else None
 
         self.named = module.named_trainable()
-        if not self.named:
-            raise ValueError("nothing to train: the mode left no trainable parameter")
         self.params = {n: p for n, p in self.named}
-        self.optimizer = build_optimizer(self.named, cfg, module.plan.mode)
+        self.optimizer = build_optimizer(module.model, cfg, module.plan.definition.per_part_lr)
         per_epoch = EpochBatchSampler.num_batches(len(dataset), cfg.batch_size)
         self.batches_per_epoch = per_epoch
         total = per_epoch * cfg.epochs
@@ -180,24 +179,16 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, cfg, self.total_steps)
         self.ema = EMA({n: p for n, p in self.named}, cfg.ema) if cfg.ema > 0 else None
 
-        self.amp_dtype = None
-        if cfg.amp and device.type == "cuda":
-            if cfg.amp_dtype == "auto":
-                self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            else:
-                self.amp_dtype = getattr(torch, cfg.amp_dtype)
+        self.amp_dtype = autocast_dtype(device, cfg.amp, cfg.amp_dtype)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
         self.wrapped: nn.Module = module
         if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            import inspect
-
             ids = [device.index] if device.type == "cuda" else None
             # buffers (anchors, Swin indices) never change: no syncing in forward
-            sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters else {"broadcast_buffers": False}
-            self.wrapped = DDP(module, device_ids=ids, find_unused_parameters=False, **sync)
+            new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            sync = {"forward_sync_buffers": False} if new_name else {"broadcast_buffers": False}
+            self.wrapped = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False, **sync)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -230,34 +221,39 @@ class Trainer:
         if not has_checkpoint(self.ckpt_dir):
             return False
         tensors, state, _ = load_last(self.ckpt_dir)
-        if state.get("mode") != self.module.plan.mode:
-            from ..checkpoint import CheckpointError
-
-            raise CheckpointError(f"{self.ckpt_dir}: the checkpoint is of mode {state.get('mode')!r}, not {self.module.plan.mode!r}: use another --out")
-        missing = [n for n in self.params if "param/" + n not in tensors]
+        mode = self.module.plan.mode
+        if state.get("mode") != mode:
+            raise CheckpointError(
+                f"{self.ckpt_dir}: the checkpoint is of mode {state.get('mode')!r}, not {mode!r}: use another --out"
+            )
+        params = trained_tensors(tensors, "param/", list(self.params))
+        missing = [n for n in self.params if n not in params]
         if missing:
-            from ..checkpoint import CheckpointError
-
-            raise CheckpointError(f"{self.ckpt_dir}: the checkpoint lacks {missing[0]} (a different model or mode): use another --out")
+            raise CheckpointError(
+                f"{self.ckpt_dir}: the checkpoint lacks {missing[0]} (a different model or mode): use another --out"
+            )
         with torch.no_grad():
             for n, p in self.named:
-                p.copy_(tensors["param/" + n].to(p.device, p.dtype))
+                p.copy_(params[n].to(p.device, p.dtype))
         load_optimizer(self.optimizer, tensors, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
-            for k in self.ema.shadow:
-                if "ema/" + k in tensors:
-                    self.ema.shadow[k].copy_(tensors["ema/" + k])
+            for k, v in trained_tensors(tensors, "ema/", list(self.ema.shadow)).items():
+                self.ema.shadow[k].copy_(v)
         set_rng_state(tensors, state["rng"])
         self.state = TrainerState(**state["trainer"])
         saved = state.get("config") or {}
         now = _jsonable(asdict(self.cfg))
-        changed = sorted(k for k in now if k not in ("stop_after_steps", "max_steps", "workers") and saved.get(k, now[k]) != now[k])
+        changed = sorted(k for k in now if k not in ("max_steps", "workers") and saved.get(k, now[k]) != now[k])
         if changed:
-            warnings.warn(f"resuming with changed settings ({', '.join(changed[:5])}): the run will not match an uninterrupted one", stacklevel=2)
-        self.module._text_cache = None
+            warnings.warn(
+                f"resuming with changed settings ({', '.join(changed[:5])}): the run will not match an uninterrupted "
+                "one",
+                stacklevel=2,
+            )
+        self.module.forget_text()
         if self.log is not None:
             self.log.truncate_after(self.state.step)
         return True
@@ -266,8 +262,11 @@ class Trainer:
         if not self.dist.main:
             return
         tensors = {k: v.detach() for k, v in self.best_tensors().items()}
-        save_state_file(self.ckpt_dir / "best.safetensors", {"param/" + k: v for k, v in tensors.items()},
-                        {"epoch": self.state.epoch, "step": self.state.step, "ap": self.state.best_ap})  # fmt: skip
+        save_state_file(
+            self.ckpt_dir / "best.safetensors",
+            {"param/" + k: v for k, v in tensors.items()},
+            {"epoch": self.state.epoch, "step": self.state.step, "ap": self.state.best_ap},
+        )
 
     def best_tensors(self) -> dict[str, torch.Tensor]:
         """The weights to evaluate / keep: the EMA averages when EMA is on."""
@@ -280,17 +279,17 @@ class Trainer:
         if not path.exists():
             return False
         tensors, _ = load_state_file(path)
+        params = trained_tensors(tensors, "param/", list(self.params))
         with torch.no_grad():
             for n, p in self.named:
-                p.copy_(tensors["param/" + n].to(p.device, p.dtype))
+                p.copy_(params[n].to(p.device, p.dtype))
         return True
 
     # ------------------------------------------------------------------ one step
 
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The step's autocast (CUDA with ``train.amp``), a no-op otherwise."""
+        return autocast(self.device, self.amp_dtype is not None, self.cfg.amp_dtype)
 
     def train_step(self, batch: Batch) -> dict[str, Any]:
         cfg = self.cfg
@@ -302,7 +301,7 @@ class Trainer:
             mask = self.prompt.attention_mask.to(self.device)
         else:
             input_ids, mask = batch.input_ids, batch.attention_mask
-        with self._autocast():
+        with self.autocast():
             losses = self.wrapped(batch.images, batch.targets, input_ids, mask)
         loss = sum(losses.values())
         if self.scaler is not None:
@@ -331,7 +330,9 @@ class Trainer:
         self.state.step += 1
         parts = {k: float(v.detach()) for k, v in losses.items()}
         if self.dist.enabled:
-            reduced = all_reduce_mean(torch.tensor([loss_value, *parts.values()], device=self.device), self.dist).tolist()
+            reduced = all_reduce_mean(
+                torch.tensor([loss_value, *parts.values()], device=self.device), self.dist
+            ).tolist()
             loss_value, parts = reduced[0], dict(zip(parts, reduced[1:]))
         return {"loss": loss_value, **parts, "grad_norm": float(grad_norm), "skipped": not finite}
 
@@ -346,7 +347,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap(self.params)
             try:
-                metrics = self.evaluate_fn(self.module.model, self.module.prompt_offset)
+                metrics = self.evaluate_fn(self.module.model)
             finally:
                 if self.ema is not None:
                     self.ema.swap(self.params)
@@ -360,8 +361,14 @@ class Trainer:
         cfg, st = self.cfg, self.state
         ap = max(float(metrics.get("AP", 0.0)), 0.0)
         reduced = self.schedule.observe(ap)
-        record = {"type": "eval", "split": "val", "epoch": st.epoch, "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
-                  **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
+        record = {
+            "type": "eval",
+            "split": "val",
+            "epoch": st.epoch,
+            "step": st.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
         if ap < st.best_ap:
             st.patience += 1
         else:
@@ -374,8 +381,10 @@ class Trainer:
         st.history.append(record)
         if self.log is not None:
             self.log.write(record)
-        self._say(f"epoch {st.epoch}: val AP {ap:.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f} (best {st.best_ap:.4f} at epoch {st.best_epoch})"
-                  + (" — lr reduced" if reduced else ""))  # fmt: skip
+        self._say(
+            f"epoch {st.epoch}: val AP {ap:.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f} (best {st.best_ap:.4f} "
+            f"at epoch {st.best_epoch})" + (" — lr reduced" if reduced else "")
+        )
         if cfg.early_stop_patience > 0 and st.patience >= cfg.early_stop_patience:
             st.stopped_early = True
             self._say(f"early stop: no improvement over {st.patience} evaluations")
@@ -389,8 +398,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> TrainResult:
-        from ..commands.common import progress_bar
-
         cfg, st = self.cfg, self.state
         set_train_modes(self.module.model, self.module.plan, True)
         bar = progress_bar() if self.show_progress else None
@@ -401,16 +408,33 @@ class Trainer:
         try:
             if cfg.eval_before and self.evaluate_fn is not None and st.step == 0 and not st.history:
                 metrics = self.validate()
-                record = {"type": "eval", "split": "val", "epoch": 0, "step": 0, "start": True,
-                          **{k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
+                record = {
+                    "type": "eval",
+                    "split": "val",
+                    "epoch": 0,
+                    "step": 0,
+                    "start": True,
+                    **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                }
                 st.history.append(record)
                 if self.log is not None:
                     self.log.write(record)
-                self._say(f"start: val AP {max(metrics.get('AP', 0.0), 0.0):.4f} AP50 {max(metrics.get('AP50', 0.0), 0.0):.4f}")
+                self._say(
+                    f"start: val AP {max(metrics.get('AP', 0.0), 0.0):.4f} AP50 "
+                    f"{max(metrics.get('AP50', 0.0), 0.0):.4f}"
+                )
             while st.epoch < cfg.epochs and not st.stopped_early and not (cfg.max_steps and st.step >= cfg.max_steps):
-                loader = make_train_loader(self.dataset, cfg.batch_size, seed=cfg.seed, epoch=st.epoch, rank=self.dist.rank,
-                                           world=self.dist.world, start=st.batch, workers=cfg.workers,
-                                           size_divisibility=self.module.model.cfg.input.size_divisibility)  # fmt: skip
+                loader = make_train_loader(
+                    self.dataset,
+                    cfg.batch_size,
+                    seed=cfg.seed,
+                    epoch=st.epoch,
+                    rank=self.dist.rank,
+                    world=self.dist.world,
+                    start=st.batch,
+                    workers=cfg.workers,
+                    size_divisibility=self.module.model.cfg.input.size_divisibility,
+                )
                 for batch in loader:
                     t0 = time.perf_counter()
                     out = self.train_step(batch)
@@ -420,13 +444,20 @@ class Trainer:
                     if self.log is not None:
                         self.log.write({"type": "step", "step": st.step, "epoch": st.epoch, "lr": lr, **out})
                     if bar is not None:
-                        bar.update(task, completed=st.step, info=f"ep {st.epoch + 1}/{cfg.epochs} loss {out['loss']:.4f} lr {lr:.2e}"
-                                   + (f" skipped {st.skipped}" if st.skipped else ""))  # fmt: skip
+                        bar.update(
+                            task,
+                            completed=st.step,
+                            info=f"ep {st.epoch + 1}/{cfg.epochs} loss {out['loss']:.4f} lr {lr:.2e}"
+                            + (f" skipped {st.skipped}" if st.skipped else ""),
+                        )
                     if out["skipped"]:
-                        warnings.warn(f"step {st.step}: non-finite loss or gradient, step skipped ({st.skipped} so far)", stacklevel=2)
+                        warnings.warn(
+                            f"step {st.step}: non-finite loss or gradient, step skipped ({st.skipped} so far)",
+                            stacklevel=2,
+                        )
                     if cfg.checkpoint_every_steps and st.step % cfg.checkpoint_every_steps == 0:
                         self.save_checkpoint()
-                    if cfg.stop_after_steps and st.step >= cfg.stop_after_steps:
+                    if self.stop_after_steps and st.step >= self.stop_after_steps:
                         self.save_checkpoint()
                         barrier(self.dist)
                         return TrainResult("stopped", st, None)

@@ -8,32 +8,35 @@ from typing import Any, Callable
 import torch
 
 from ..data import DetectionDataset, make_loader
+from ..evaluation import evaluate_detections
+from ..inference import EncodedPrompt, evaluate_dataset
+from ..model.glip import GLIP
 
 
 def evaluate(
-    model,
+    model: GLIP,
     dataset: DetectionDataset,
-    prompt,
+    prompt: EncodedPrompt,
     *,
     batch_size: int,
     device: torch.device,
-    prompt_offset: torch.Tensor | None = None,
     amp: bool = False,
     workers: int = 0,
     progress: Callable[[int], None] | None = None,
+    metric: str = "coco",
 ) -> tuple[list[dict], dict[str, Any]]:
-    """COCO results and metrics (``AP``, ``AP50``, ..., ``per_category``) of ``model`` on
-    ``dataset`` prompted with ``prompt`` (an :class:`glip_transfer.inference.EncodedPrompt`; its
-    cached text features are cleared first: the language backbone may have changed)."""
-    from ..evaluation import coco_evaluate
-    from ..inference import evaluate_dataset
-
+    """COCO results and metrics (``AP``, ``AP50``, ..., ``per_category``; the images evaluated and
+    those skipped, :func:`~glip_transfer.evaluation.evaluate_detections`) of ``model`` (with its
+    prompt offset, if any) on ``dataset`` prompted with ``prompt`` (its cached text features are
+    cleared first: the language backbone may have changed)."""
     prompt.clear_cache()
-    loader = make_loader(dataset, batch_size=batch_size, workers=workers)
+    loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=device.type == "cuda")
     was_training = model.training
     with torch.random.fork_rng(devices=[]):  # evaluation never moves the training random streams
-        results = evaluate_dataset(model, loader, prompt, device=device, prompt_offset=prompt_offset, amp=amp, progress=progress)
+        results = evaluate_dataset(model, loader, prompt, device=device, amp=amp, progress=progress)
     model.train(was_training)
     prompt.clear_cache()
-    metrics = coco_evaluate(dataset.coco, results, image_ids=[e[0] for e in dataset.entries])
+    metrics = evaluate_detections(
+        dataset, results, metric=metric, max_dets=model.cfg.postprocess.detections_per_img
+    )
     return results, metrics

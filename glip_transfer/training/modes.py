@@ -1,127 +1,279 @@
-"""Transfer modes: which parameters train, which parts of the model run in train mode, and which
-parts can run without autograd (frozen and upstream of everything that trains).
+"""Transfer modes, each defined in one place: the table :data:`MODES`.
 
-Official counterparts (``tools/finetune.py`` ``tuning_highlevel_override`` and
-``GeneralizedVLRCNN.train``):
+For every mode a :class:`TransferMode` says what trains, which parts run in eval mode while it
+trains, where its official settings come from, its learning-rate rule and the artifact its run
+leaves (what that holds and how it is applied: :mod:`glip_transfer.training.artifacts`).
 
-* ``full`` — ``full``: everything trains but the Swin stages frozen by
-  ``MODEL.BACKBONE.FREEZE_CONV_BODY_AT`` (2: ``patch_embed`` and ``layers.0``, kept in eval mode)
-  and the unused ``rpn.head.cls_logits`` (frozen by the official model whenever the dot-product
-  token loss is on); BERT at its own lr.
-* ``prompt`` — ``language_prompt_v2``: a zero-initialised ``[max_query_len, C_text]`` offset added
-  to BERT's output (the official ``rpn.tunable_linear.weight[:T]``, 1000 rows of which only the
-  first ``max_query_len`` can be used); everything else frozen and in eval mode.
-* ``linear`` — ``linear_prob``: the rpn parameters whose names contain ``bbox_pred``,
-  ``cls_logits``, ``centerness``, ``cosine_scale``, ``dot_product_projection_text``,
-  ``head.log_scale``, ``head.bias_lang`` or ``head.bias0``. ``cls_logits`` is then frozen again by
-  the dot-product-loss rule and ``cosine_scale`` does not exist in GLIP, so what trains is
-  ``bbox_pred``, ``centerness``, ``dot_product_projection_text``, ``log_scale``, ``bias_lang``,
-  ``bias0`` (the per-level ``scales`` do not). Backbone, FPN and BERT are frozen in eval mode; the
-  head stays in train mode (dropout in its frozen fusion layers is active, as in the official).
-* ``text`` — ``language_prompt_v1``: BERT trains; backbone, FPN and head are frozen in eval mode.
-* ``lora`` — no official counterpart: peft LoRA adapters on the chosen modules, the base frozen;
-  parts holding adapters run in train mode, the rest in eval mode.
+Official counterparts: ``tools/finetune.py`` (``tuning_highlevel_override``) and
+``GeneralizedVLRCNN.train``. Two rules hold for every mode:
+
+* what runs without autograd: a part whose parameters are all frozen and whose inputs need no
+  gradient runs under ``torch.no_grad`` (the model applies this rule in its one forward, see
+  :mod:`glip_transfer.model.autograd`): Swin + FPN whenever nothing in the backbone trains, the
+  fused tower in linear probing; a frozen language backbone in eval mode encodes the run's caption
+  once (:class:`glip_transfer.training.engine.TrainModule`);
+* the head's ``cls_logits`` never trains and runs in eval mode (unused by grounding; the official
+  freezes it whenever the dot-product token loss is on).
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Literal
 
-import torch
 from torch import nn
 
 from ..config import ConfigError
-from .config import MODES, LoraSettings, TrainConfig
+from ..model.glip import GLIP
+from ..recipes import Recipe, Tuning
+from .artifacts import ArtifactKind
+from .config import TrainConfig
+from .lora import inject_lora, lora_config, lora_parameters
 
-LINEAR_PROBE = ("bbox_pred", "cls_logits", "centerness", "cosine_scale", "dot_product_projection_text", "head.log_scale", "head.bias_lang", "head.bias0")
-"""The official linear_prob name patterns (matched in ``model.rpn.named_parameters()`` names)."""
 
-LORA_PRESETS = {
-    "fusion": r"rpn\.head\.dyhead_tower\.\d+\.b_attn\.attn\.(v_proj|l_proj|values_v_proj|values_l_proj|out_v_proj|out_l_proj)",
-    "head_bert": r"rpn\.head\.dyhead_tower\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
-    "bert": r"language_backbone\.body\.model\.encoder\.layer\.\d+\.attention\.(self\.(query|key|value)|output\.dense)",
-    "swin": r"backbone\.body\.layers\.\d+\.blocks\.\d+\.attn\.(qkv|proj)",
-    "predictors": r"rpn\.head\.dot_product_projection_text",
+def _parts(model: GLIP) -> list[nn.Module]:
+    """The model's parts, in data-flow order (what runs in eval mode is decided per part)."""
+    return [model.backbone.body, model.backbone.fpn, model.language_backbone, model.rpn.head]
+
+
+def _holds_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- what each mode adds and trains
+
+
+def _full_trains(model: GLIP, cfg: TrainConfig) -> list[nn.Parameter]:
+    frozen = {
+        id(p)
+        for m in (*model.backbone.frozen_stages(cfg.freeze_backbone_at), model.rpn.head.cls_logits)
+        for p in m.parameters()
+    }
+    frozen |= {id(p) for p in _named_frozen(model, cfg.frozen)}
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def _named_frozen(model: GLIP, names: Iterable[str]) -> list[nn.Parameter]:
+    """The parameters ``train.frozen`` names: a parameter's name or a module's (all its parameters)."""
+    params = dict(model.named_parameters())
+    found: list[nn.Parameter] = []
+    for given in names:
+        prefix = given.rstrip(".") + "."
+        matched = [p for n, p in params.items() if n == given or n.startswith(prefix)]
+        if not matched:
+            raise ConfigError(
+                f"train.frozen: {given!r} names no parameter or module of the model (e.g. language_backbone, backbone.body)"
+            )
+        found += matched
+    return found
+
+
+def _full_eval(model: GLIP, cfg: TrainConfig) -> list[nn.Module]:
+    # a part that train.frozen freezes whole (glip-nano's language backbone) runs in eval mode too
+    frozen_parts = [part for part in _parts(model) if not _holds_trainable(part)] if cfg.frozen else []
+    return [*model.backbone.frozen_stages(cfg.freeze_backbone_at), *frozen_parts, model.rpn.head.cls_logits]
+
+
+def _add_prompt_offset(model: GLIP, cfg: TrainConfig) -> dict | None:
+    model.set_prompt_offset()  # zero: training starts from the base model's function
+    return None
+
+
+def _add_lora(model: GLIP, cfg: TrainConfig) -> dict | None:
+    config = lora_config(cfg.lora)
+    inject_lora(model, config)
+    return config.to_dict()
+
+
+def _lora_eval(model: GLIP, cfg: TrainConfig) -> list[nn.Module]:
+    return [part for part in _parts(model) if not _holds_trainable(part)] + [model.rpn.head.cls_logits]
+
+
+@dataclass(frozen=True)
+class TransferMode:
+    """One transfer mode, complete.
+
+    name:           ``--mode``
+    official:       the official counterpart (``SOLVER.TUNING_HIGHLEVEL_OVERRIDE``), if any
+    trains:         what trains, in words
+    no_autograd:    the parts a training step runs without autograd (``backbone``: Swin + FPN;
+                    ``language_backbone``: BERT, its features computed once; ``tower``: the fused
+                    head's tower), as the one rule of the module docstring gives them
+    add:            adds the mode's own parameters to the model before training (prompt
+                    offset, LoRA layers); returns the peft config for the artifact (LoRA)
+    trainable:      the parameters that train (all others are frozen)
+    eval_parts:     the modules that run in eval mode while training (everything else in train mode)
+    recipe_entry:   the recipe's ``tuning.modes`` entry with the official lr, weight decay,
+                    BERT lr and frozen Swin stages (None: ``defaults``)
+    defaults:       :class:`TrainConfig` values of a mode no recipe entry covers (ours)
+    per_part_lr:    the official per-part learning rates (``SOLVER.LANG_LR`` for BERT,
+                    ``BACKBONE_BODY_LR_FACTOR`` for Swin); else one lr for every parameter.
+                    The bias and norm rules (:mod:`glip_transfer.training.optim`) always apply
+    artifact:       what the run leaves and how it is applied
+    """
+
+    name: str
+    official: str | None
+    trains: str
+    no_autograd: tuple[Literal["backbone", "language_backbone", "tower"], ...]
+    trainable: Callable[[GLIP, TrainConfig], Iterable[nn.Parameter]]
+    eval_parts: Callable[[GLIP, TrainConfig], Iterable[nn.Module]]
+    artifact: ArtifactKind
+    per_part_lr: bool = True
+    recipe_entry: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    add: Callable[[GLIP, TrainConfig], dict | None] | None = None
+
+
+MODES: dict[str, TransferMode] = {
+    m.name: m
+    for m in (
+        TransferMode(
+            name="full",
+            official="full",
+            trains=(
+                "every parameter but the Swin stages frozen by train.freeze_backbone_at (official "
+                "MODEL.BACKBONE.FREEZE_CONV_BODY_AT; 2: the patch embedding and stage 1, kept in eval mode) "
+                "and those train.frozen names (a part frozen whole runs in eval mode)"
+            ),
+            no_autograd=(),
+            trainable=_full_trains,
+            eval_parts=_full_eval,
+            artifact=ArtifactKind.WEIGHTS,
+            recipe_entry="full",
+        ),
+        TransferMode(
+            name="prompt",
+            official="language_prompt_v2",
+            trains=(
+                "a zero-initialised [max_query_len, C_text] offset added to BERT's output (the "
+                "official rpn.tunable_linear); everything else frozen and in eval mode"
+            ),
+            no_autograd=("backbone", "language_backbone"),
+            add=_add_prompt_offset,
+            trainable=lambda model, cfg: model.prompt_offset.parameters(),
+            eval_parts=lambda model, cfg: [model],
+            artifact=ArtifactKind.PROMPT,
+            recipe_entry="prompt",
+        ),
+        TransferMode(
+            name="linear",
+            official="linear_prob",
+            trains=(
+                "the head's prediction layers (bbox_pred, centerness, dot_product_projection_text, "
+                "log_scale, bias_lang, bias0); backbone, FPN and BERT frozen in eval mode, the head in train "
+                "mode (dropout in its frozen fusion layers is active, as in the official)"
+            ),
+            no_autograd=("backbone", "language_backbone", "tower"),
+            trainable=lambda model, cfg: [p for _, p in model.rpn.head.predictor_parameters()],
+            eval_parts=lambda model, cfg: [model.backbone, model.language_backbone, model.rpn.head.cls_logits],
+            artifact=ArtifactKind.WEIGHTS,
+            recipe_entry="linear_probe",
+        ),
+        TransferMode(
+            name="lora",
+            official=None,
+            trains=(
+                "peft LoRA adapters on the train.lora.targets modules, the base frozen; parts holding "
+                "adapters run in train mode, the rest in eval mode"
+            ),
+            # with the default targets (fusion, head_bert); a part with adapters runs with autograd
+            no_autograd=("backbone", "language_backbone"),
+            add=_add_lora,
+            trainable=lambda model, cfg: lora_parameters(model),
+            eval_parts=_lora_eval,
+            artifact=ArtifactKind.LORA,
+            per_part_lr=False,
+            defaults={"lr": 2e-4, "weight_decay": 0.0, "language_lr": None},
+        ),
+        TransferMode(
+            name="text",
+            official="language_prompt_v1",
+            trains="the language backbone (BERT) alone; backbone, FPN and head frozen in eval mode",
+            no_autograd=("backbone",),
+            trainable=lambda model, cfg: model.language_backbone.parameters(),
+            eval_parts=lambda model, cfg: [model.backbone, model.rpn.head],
+            artifact=ArtifactKind.WEIGHTS,
+            per_part_lr=False,  # the text mode's lr is BERT's lr
+            defaults={"lr": 1e-5, "weight_decay": 0.05, "language_lr": None},
+        ),
+    )
 }
 
-# the model's parts, in data-flow order
-PARTS = ("backbone.body", "backbone.fpn", "language_backbone", "rpn.head")
+
+def get_mode(name: str) -> TransferMode:
+    """The mode called ``name``; a one-line :class:`ConfigError` listing the modes otherwise."""
+    if name not in MODES:
+        raise ConfigError(f"--mode {name!r}: choose one of {', '.join(MODES)}")
+    return MODES[name]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def train_config_for(recipe: Recipe | None = None, mode: str = "full", shots: int = 0) -> TrainConfig:
+    """The official settings of ``mode`` from a recipe's ``tuning`` (the built-in official
+    defaults of :class:`glip_transfer.recipes.Tuning` without one): optimiser, lr, weight decay,
+    frozen stages, schedule, patience, copies per epoch of the ``shots``-shot setting."""
+    definition = get_mode(mode)
+    tuning = recipe.tuning if recipe is not None and recipe.tuning is not None else Tuning()
+    cfg = TrainConfig(
+        epochs=tuning.max_epochs,
+        batch_size=tuning.batch_size,
+        optimizer=tuning.optimizer.lower(),
+        warmup_iters=tuning.warmup_iters,
+        amp=tuning.use_amp,
+        clip_grad_norm=tuning.grad_clip_norm,
+        bias_lr_factor=tuning.bias_lr_factor,
+        bias_weight_decay=tuning.bias_weight_decay,
+        gamma=tuning.lr_decay_factor,
+        lr_patience=tuning.lr_patience,
+        min_lr=tuning.min_lr,
+        early_stop_patience=tuning.early_stop_patience,
+        eval_every_epochs=max(1, int(round(tuning.eval_every_epochs))),
+        ema=tuning.model_ema,
+        seed=tuning.seed,
+        shuffle_seed=tuning.shuffle_seed,
+        schedule="plateau",
+    )
+    if shots:
+        copies = tuning.few_shot_copies.get(shots)
+        if copies is None:
+            raise ConfigError(
+                f"--shots {shots}: the recipe knows copies for {sorted(tuning.few_shot_copies)} shots; pass --set "
+                "train.copies=N"
+            )
+        cfg.copies = copies
+    else:
+        cfg.copies = tuning.all_data.copies
+        cfg.lr_patience = tuning.all_data.lr_patience
+        cfg.early_stop_patience = tuning.all_data.early_stop_patience
+    if definition.recipe_entry is not None and definition.recipe_entry in tuning.modes:
+        m = tuning.modes[definition.recipe_entry]
+        cfg.lr, cfg.weight_decay = m.lr, m.weight_decay
+        cfg.language_lr = m.language_lr
+        if m.freeze_backbone_at is not None:
+            cfg.freeze_backbone_at = m.freeze_backbone_at
+    elif definition.defaults:
+        cfg = replace(cfg, **definition.defaults)
+    return cfg
+
+
+# --------------------------------------------------------------------------- applying a mode
 
 
 @dataclass
 class ModePlan:
-    """What a mode trains and how the training forward runs."""
+    """A mode applied to a model (:func:`apply_mode`): its definition, the settings it was applied
+    with, and the peft config of the LoRA layers it added (LoRA mode)."""
 
-    mode: str
-    trainable: list[str] = field(default_factory=list)  # model parameter names
-    prompt_offset: bool = False  # the trainer owns an offset parameter
-    frozen_backbone_stages: int = 0  # Swin modules kept in eval (patch_embed + layers[:k-1])
-    lora: dict | None = None  # the peft LoraConfig as a dict (lora mode)
-
-    @property
-    def parts_training(self) -> dict[str, bool]:
-        return {part: any(n.startswith(part + ".") for n in self.trainable) for part in PARTS}
+    definition: TransferMode
+    cfg: TrainConfig
+    lora: dict | None = None
 
     @property
-    def backbone_frozen(self) -> bool:
-        """Swin and FPN have nothing to train: run them under no_grad."""
-        parts = self.parts_training
-        return not (parts["backbone.body"] or parts["backbone.fpn"])
-
-    @property
-    def text_frozen(self) -> bool:
-        """BERT has nothing to train (and runs in eval mode): encode each prompt once and reuse."""
-        return not self.parts_training["language_backbone"]
-
-    @property
-    def tower_frozen(self) -> bool:
-        """Nothing upstream of the head's predictors trains: the fused tower runs under no_grad."""
-        if self.prompt_offset or not (self.backbone_frozen and self.text_frozen):
-            return False
-        return not any(n.startswith("rpn.head.dyhead_tower.") for n in self.trainable)
-
-
-def lora_target_regex(targets) -> str:
-    """The peft ``target_modules`` regular expression of presets / expressions."""
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    if not targets:
-        raise ConfigError("train.lora.targets is empty: name presets (fusion, head_bert, bert, swin, predictors) or regular expressions")
-    parts = []
-    for t in targets:
-        expr = LORA_PRESETS.get(t, t)
-        try:
-            re.compile(expr)
-        except re.error as e:
-            raise ConfigError(f"train.lora.targets: {t!r} is neither a preset ({', '.join(LORA_PRESETS)}) nor a valid regular expression ({e})") from None
-        parts.append(f"(?:{expr})")
-    return "|".join(parts)
-
-
-def lora_config(settings: LoraSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-        target_modules=lora_target_regex(settings.targets), bias="none",
-    )  # fmt: skip
-
-
-def inject_lora(model: nn.Module, config) -> nn.Module:
-    """Add peft LoRA layers to ``model`` in place (names gain ``.lora_A.default.weight`` ...)."""
-    from peft import inject_adapter_in_model
-
-    hint = f"presets: {', '.join(LORA_PRESETS)}; or regular expressions over module names"
-    try:
-        inject_adapter_in_model(config, model)
-    except ValueError as e:
-        if "not found" in str(e):
-            raise ConfigError(f"train.lora.targets matched no module of the model ({config.target_modules}); {hint}") from None
-        raise ConfigError(f"train.lora.targets: {str(e).splitlines()[0]}") from None
-    if not any(".lora_A." in n for n, _ in model.named_parameters()):
-        raise ConfigError(f"train.lora.targets matched no module of the model ({config.target_modules}); {hint}")
-    return model
+    def mode(self) -> str:
+        return self.definition.name
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -138,94 +290,48 @@ def set_dropout(model: nn.Module, p: float) -> None:
             module.drop_path = 0.0
 
 
-def apply_mode(model: nn.Module, mode: str, cfg: TrainConfig) -> ModePlan:
-    """Freeze / unfreeze ``model``'s parameters for ``mode`` (LoRA layers are injected) and
-    return the plan. Call :func:`set_train_modes` after ``model.train()``."""
-    if mode not in MODES:
-        raise ConfigError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
-    plan = ModePlan(mode)
-    if mode == "lora":
-        config = lora_config(cfg.lora)
-        inject_lora(model, config)
-        plan.lora = config.to_dict()
+def apply_mode(model: GLIP, mode: str, cfg: TrainConfig) -> ModePlan:
+    """Add what ``mode`` trains to ``model`` (prompt offset, LoRA layers), freeze everything else,
+    and return the plan. Call :func:`set_train_modes` after building the optimiser."""
+    definition = get_mode(mode)
+    lora = definition.add(model, cfg) if definition.add is not None else None
     if cfg.dropout is not None:
         set_dropout(model, cfg.dropout)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    names = dict(model.named_parameters())
-    if mode == "full":
-        k = cfg.freeze_backbone_at
-        frozen_prefixes = []
-        if k >= 0:
-            frozen_prefixes.append("backbone.body.patch_embed.")
-        if k >= 2:
-            frozen_prefixes += [f"backbone.body.layers.{i}." for i in range(k - 1)]
-        plan.frozen_backbone_stages = k
-        frozen_prefixes.append("rpn.head.cls_logits.")
-        frozen_names = set()
-        for given in cfg.frozen:  # a parameter's name or a module's (all its parameters)
-            prefix = given.rstrip(".") + "."
-            matched = {n for n in names if n == given or n.startswith(prefix)}
-            if not matched:
-                raise ConfigError(f"train.frozen: {given!r} names no parameter or module of the model (e.g. language_backbone, backbone.body)")
-            frozen_names |= matched
-        plan.trainable = [n for n in names if not n.startswith(tuple(frozen_prefixes)) and n not in frozen_names]
-    elif mode == "prompt":
-        plan.prompt_offset = True
-    elif mode == "linear":
-        plan.trainable = [n for n in names if n.startswith("rpn.") and any(p in n[len("rpn."):] for p in LINEAR_PROBE) and "cls_logits" not in n]
-    elif mode == "text":
-        plan.trainable = [n for n in names if n.startswith("language_backbone.")]
-    elif mode == "lora":
-        plan.trainable = [n for n in names if ".lora_" in n]
-    for n in plan.trainable:
-        names[n].requires_grad_(True)
-    return plan
+    model.requires_grad_(False)
+    for p in definition.trainable(model, cfg):
+        p.requires_grad_(True)
+    return ModePlan(definition, cfg, lora)
 
 
-def set_train_modes(model: nn.Module, plan: ModePlan, training: bool = True) -> None:
-    """``model.train(training)``, then eval mode for the parts that do not train (official:
-    frozen backbone / FPN / rpn head / language backbone run in eval mode; frozen Swin stages too)."""
+def set_train_modes(model: GLIP, plan: ModePlan, training: bool = True) -> None:
+    """``model.train(training)``; when training, the mode's :attr:`TransferMode.eval_parts` in
+    eval mode (official: frozen backbone / FPN / rpn head / language backbone and frozen Swin
+    stages run in eval mode)."""
     model.train(training)
-    if not training:
-        return
-    parts = plan.parts_training
-    if plan.mode == "linear":
-        parts["rpn.head"] = True  # official linear_prob keeps the head in train mode
-    if not any(parts.values()):  # prompt tuning: the whole model is frozen
-        model.eval()
-        return
-    for part, trains in parts.items():
-        if not trains:
-            model.get_submodule(part).eval()
-    k = plan.frozen_backbone_stages
-    if plan.mode == "full" and k >= 0:
-        body = model.backbone.body
-        body.patch_embed.eval()
-        for i in range(max(k - 1, 0)):
-            body.layers[i].eval()
-    head = model.rpn.head
-    head.cls_logits.eval()
+    if training:
+        for module in plan.definition.eval_parts(model, plan.cfg):
+            module.eval()
 
 
-def count_parameters(model: nn.Module, plan: ModePlan, extra: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
-    """(trainable, total) parameter counts; ``extra`` are trainer-owned parameters (the prompt offset)."""
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    for t in (extra or {}).values():
-        trainable += t.numel()
-        total += t.numel()
     return trainable, total
 
 
-def trainable_breakdown(model: nn.Module, extra: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """Trainable parameter counts per part of the model."""
+def trainable_breakdown(model: GLIP) -> dict[str, int]:
+    """Trainable parameter counts per part of the model (the prompt offset is a part of its own)."""
+    parts = {
+        "backbone.body": model.backbone.body,
+        "backbone.fpn": model.backbone.fpn,
+        "language_backbone": model.language_backbone,
+        "rpn.head": model.rpn.head,
+        "rpn.tunable_linear (prompt offset)": model.prompt_offset,
+    }
     out: dict[str, int] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        part = next((x for x in PARTS if name.startswith(x + ".")), name.split(".")[0])
-        out[part] = out.get(part, 0) + p.numel()
-    for name, t in (extra or {}).items():
-        out[name] = t.numel()
+    for name, part in parts.items():
+        n = sum(p.numel() for p in part.parameters() if p.requires_grad) if part is not None else 0
+        if n:
+            out[name] = n
     return out

@@ -1,13 +1,15 @@
 """Optimiser, learning-rate schedule and weight averaging, as the official solver
 (``maskrcnn_benchmark/solver/build.py``, ``lr_scheduler.py``, ``utils/ema.py``).
 
-Parameter groups (``make_optimizer``): lr ``BASE_LR``; ``LANG_LR`` for names containing
-``language_backbone``; ``BASE_LR * BACKBONE_BODY_LR_FACTOR`` for the Swin body; then any name
-containing ``bias`` gets ``lr * BIAS_LR_FACTOR`` and ``WEIGHT_DECAY_BIAS`` (this also catches
-Swin's ``relative_position_bias_table`` and the head's ``bias_lang`` / ``bias0``, as in the
-official); names containing ``norm`` / ``Norm`` get ``weight_decay * WEIGHT_DECAY_NORM_FACTOR``.
-The official makes one group per parameter; parameters with equal settings share a group here
-(the same update: AdamW and SGD are element-wise).
+Parameter groups (``make_optimizer``) follow what the model declares for each parameter
+(:meth:`glip_transfer.model.glip.GLIP.param_roles`): lr ``BASE_LR``; ``LANG_LR`` for the language
+backbone and ``BASE_LR * BACKBONE_BODY_LR_FACTOR`` for the Swin body (modes with per-part lrs);
+then a bias (every ``bias``, and what the official's "bias" name test also catches: Swin's
+``relative_position_bias_table``, the head's ``bias_lang`` / ``bias0``) gets
+``lr * BIAS_LR_FACTOR`` and ``WEIGHT_DECAY_BIAS``; a norm parameter gets
+``weight_decay * WEIGHT_DECAY_NORM_FACTOR``. The official makes one group per parameter;
+parameters with equal settings share a group here (the same update: AdamW and SGD are
+element-wise).
 """
 
 from __future__ import annotations
@@ -16,40 +18,46 @@ import math
 from bisect import bisect_right
 
 import torch
-from torch import nn
 
+from ..model.glip import GLIP, ParamRole
 from .config import TrainConfig
 
 
-def param_settings(name: str, cfg: TrainConfig, mode: str) -> tuple[float, float]:
+def param_settings(role: ParamRole, cfg: TrainConfig, per_part_lr: bool = True) -> tuple[float, float]:
     """(lr, weight decay) of one trainable parameter."""
     lr, wd = cfg.lr, cfg.weight_decay
-    if mode not in ("lora", "text"):  # one lr for adapters / for BERT alone (text mode's lr is the BERT lr)
-        if "language_backbone" in name and cfg.language_lr is not None:
+    if per_part_lr:
+        if role.part == "language" and cfg.language_lr is not None:
             lr = cfg.language_lr
-        if "backbone.body" in name and "language_backbone.body" not in name:
+        if role.part == "swin":
             lr = cfg.lr * cfg.backbone_lr_factor
-    if "bias" in name:
+    if role.bias:
         lr *= cfg.bias_lr_factor
         wd = cfg.bias_weight_decay
-    if "norm" in name or "Norm" in name:
+    if role.norm:
         wd *= cfg.norm_weight_decay_factor
     return lr, wd
 
 
-def param_groups(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, mode: str) -> list[dict]:
-    """Optimiser groups (in first-appearance order of their settings); each group lists its names."""
+def param_groups(model: GLIP, cfg: TrainConfig, per_part_lr: bool = True) -> list[dict]:
+    """Optimiser groups of the model's trainable parameters (in first-appearance order of their
+    settings); each group lists its parameter names."""
+    roles = model.param_roles()
     groups: dict[tuple[float, float], dict] = {}
-    for name, p in named:
-        lr, wd = param_settings(name, cfg, mode)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr, wd = param_settings(roles[name], cfg, per_part_lr)
         group = groups.setdefault((lr, wd), {"params": [], "names": [], "lr": lr, "initial_lr": lr, "weight_decay": wd})
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
 
 
-def build_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, mode: str) -> torch.optim.Optimizer:
-    groups = param_groups(named, cfg, mode)
+def build_optimizer(model: GLIP, cfg: TrainConfig, per_part_lr: bool = True) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg, per_part_lr)
+    if not groups:
+        raise ValueError("nothing to train: the mode left no trainable parameter")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     # AdamW defaults: betas (0.9, 0.999), eps 1e-8, as the official. The fused kernel is the same
@@ -132,8 +140,14 @@ class LRSchedule:
         return reduced
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "plateau_lrs": list(self.plateau_lrs), "best": self.best if self.best != -math.inf else None,
-                "bad_evals": self.bad_evals, "reductions": self.reductions, "base_lrs": list(self.base_lrs)}  # fmt: skip
+        return {
+            "iteration": self.iteration,
+            "plateau_lrs": list(self.plateau_lrs),
+            "best": self.best if self.best != -math.inf else None,
+            "bad_evals": self.bad_evals,
+            "reductions": self.reductions,
+            "base_lrs": list(self.base_lrs),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])

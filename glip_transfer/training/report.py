@@ -8,28 +8,23 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..checkpoint import atomic_write
+from ..files import AppendLines, write_file, write_text
 
 
 class JsonlLog:
     """Append-only JSONL log; :meth:`truncate_after` drops the records of steps after a resumed
-    checkpoint (written by the run that was killed)."""
+    checkpoint (written by the run that was killed). A failed write is a one-line
+    :class:`~glip_transfer.files.OutputError`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._file = None
+        self._lines = AppendLines(self.path)
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record, default=float) + "\n")
-        self._file.flush()
+        self._lines.write(json.dumps(record, default=float))
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._lines.close()
 
     def records(self) -> list[dict]:
         return read_log(self.path)
@@ -39,8 +34,7 @@ class JsonlLog:
         if not self.path.exists():
             return
         kept = [r for r in self.records() if int(r.get("step", 0)) <= step]
-        text = "".join(json.dumps(r, default=float) + "\n" for r in kept)
-        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text(self.path, "".join(json.dumps(r, default=float) + "\n" for r in kept))
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -60,7 +54,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 def plot_curves(records: Iterable[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Loss (raw and smoothed) per step and val AP / AP50 per evaluation, as a PNG."""
-    import matplotlib
+    import matplotlib  # about half a second to import: only when a run has finished
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,9 +93,6 @@ def plot_curves(records: Iterable[dict], path: str | os.PathLike, title: str = "
     fig.tight_layout()
     path = Path(path)
 
-    def write(tmp: str) -> None:
-        fig.savefig(tmp, format="png", dpi=100)
-
-    atomic_write(path, write)
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path

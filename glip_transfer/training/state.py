@@ -19,10 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError
+from ..files import write_file
 
 STATE_FORMAT = "glip-transfer-train-state"
+
+LEGACY_NAMES = {"rpn.tunable_linear.weight": "prompt_offset"}
+"""Trained tensors saved under another name by earlier versions (the prompt offset was the
+trainer's own tensor before it became a part of the model)."""
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> str:
@@ -37,17 +44,13 @@ def _crc(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_state_file(path: str | Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """Write ``tensors`` and the JSON-able ``state`` to ``path`` atomically, with a checksum."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": STATE_FORMAT, "state": json.dumps(state), "crc32": _crc(tensors)}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a state file; :class:`CheckpointError` when it is missing, truncated or corrupt."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there")
@@ -88,10 +91,24 @@ def load_last(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
         return tensors, state, last
     except CheckpointError as e:
         if not prev.is_file():
-            raise CheckpointError(f"{e}; no earlier checkpoint (last.prev) to fall back to: start again without --resume (with --force)") from None
+            raise CheckpointError(
+                f"{e}; no earlier checkpoint (last.prev) to fall back to: start again without --resume (with --force)"
+            ) from None
         warnings.warn(f"{e}; falling back to the previous checkpoint {prev.name}", stacklevel=2)
     tensors, state = load_state_file(prev)
     return tensors, state, prev
+
+
+def trained_tensors(tensors: dict[str, torch.Tensor], prefix: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors saved as ``prefix + name`` for each of ``names`` that is there (also under its
+    :data:`LEGACY_NAMES` name)."""
+    out = {}
+    for name in names:
+        for saved in (name, LEGACY_NAMES.get(name)):
+            if saved is not None and prefix + saved in tensors:
+                out[name] = tensors[prefix + saved]
+                break
+    return out
 
 
 def has_checkpoint(folder: str | Path) -> bool:

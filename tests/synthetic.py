@@ -1,5 +1,5 @@
-"""A tiny synthetic detection dataset (coloured rectangles on a plain background, COCO JSON) for
-tests, examples and smoke runs of the trainer."""
+"""Test data: a tiny synthetic detection dataset (coloured rectangles on a plain background, COCO
+JSON) that the training tests learn from."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 COLOURS = ((220, 30, 30), (30, 190, 30), (30, 30, 220), (230, 200, 20))
 
@@ -28,8 +29,6 @@ def make_rectangles(
     Category ``i + 1`` is named ``names[i]`` and drawn in ``COLOURS[colour_of[i]]`` (default: the
     i-th colour); each image (``size`` = width, height) holds ``per_image`` rectangles of distinct
     categories with sides drawn from ``box_range``."""
-    from PIL import Image
-
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     colour_of = list(colour_of) if colour_of is not None else list(range(len(names)))
@@ -44,7 +43,16 @@ def make_rectangles(
             w, h = (int(rng.integers(box_range[0], box_range[1])) for _ in range(2))
             x, y = int(rng.integers(0, width - w)), int(rng.integers(0, height - h))
             canvas[y : y + h, x : x + w] = COLOURS[colour_of[int(c)]]
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1, "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(c) + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
         Image.fromarray(canvas).save(root / "images" / f"{i:04d}.png")
         images.append({"id": i + 1, "file_name": f"{i:04d}.png", "width": width, "height": height})
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(names)]

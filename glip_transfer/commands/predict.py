@@ -11,7 +11,6 @@ from ..checkpoint import load_model
 from ..data import ImageFiles, default_workers, load_image, make_loader
 from ..files import write_text
 from ..prompts import build_detection_prompt, phrase_prompt
-from ..recipes import Evaluation
 from ..runtime import progress_bar, resolve_device
 from ..tokenizer import default_tokenizer, load_tokenizer
 from ..visualize import draw_detections, save_png
@@ -62,8 +61,8 @@ def predict_command(
         None, "--phrase", help="A phrase of --prompt to detect (repeatable); default: the prompt split at periods."
     ),
     threshold: float = typer.Option(0.5, "--threshold", "-t", help="Keep detections scoring at least this."),
-    min_size: int = typer.Option(800, "--min-size", help="Resize the short side to this..."),
-    max_size: int = typer.Option(1333, "--max-size", help="...unless the long side would exceed this."),
+    min_size: int = typer.Option(None, "--min-size", help="Resize the short side to this... [the model's: GLIP 800, glip-nano 160]"),
+    max_size: int = typer.Option(None, "--max-size", help="...unless the long side would exceed this [GLIP 1333, glip-nano 160]."),
     max_detections: int = typer.Option(100, "--max-detections", help="Detections per image before --threshold."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Hub id or folder with vocab.txt (env GLIP_TOKENIZER)."),
     adapter: Path = typer.Option(None, "--adapter", help="A prompt-tuning/LoRA/fine-tuning artifact."),
@@ -87,7 +86,8 @@ def predict_command(
         err_console.print("[yellow]note:[/] neither --out nor --json given; printing a summary only")
     paths = collect_images(images)
     dev = resolve_device(device)
-    overrides = Evaluation(min_size=min_size, max_size=max_size, detections_per_img=max_detections).model_overrides()
+    overrides = [f"postprocess.detections_per_img={max_detections}"]  # the model's own input size unless given
+    overrides += [f"input.{key}={value}" for key, value in (("min_size", min_size), ("max_size", max_size)) if value is not None]
     model, _ = load_model(weights, variant=variant, tokenizer=tokenizer or None, overrides=overrides)
     tok = load_tokenizer(default_tokenizer(tokenizer, model.cfg.language.tokenizer))
     max_len = model.cfg.language.max_query_len

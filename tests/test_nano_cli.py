@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
 )
 runner = CliRunner()
 NOVEL_AP50_FLOOR = 0.3  # measured: see benchmarks/results/nano_pretrain.md
-BUDGET = ["--epochs", "1", "--set", "train.max_steps=6", "--set", "train.amp=false", "--set", "train.workers=0"]
+BUDGET = ["--epochs", "1", "--set", "train.max_steps=6", "--set", "train.amp=false", "--set", "train.workers=0",
+          "--set", "train.min_sizes=[160]", "--set", "train.max_size=160"]  # glip-nano's input size
 
 
 def glip(*args):
@@ -91,7 +92,7 @@ def test_resume_continues_a_stopped_glip_nano_run(data_root, tmp_path):
     from glip_transfer.training.run import RunSpec, prepare, train_run
 
     out = tmp_path / "run"
-    sets = ["train.max_steps=4", "train.amp=false", "train.workers=0"]
+    sets = ["train.max_steps=4", "train.amp=false", "train.workers=0", "train.min_sizes=[160]", "train.max_size=160"]
     spec = RunSpec(mode="prompt", recipe="demo/shifted", out=out, epochs=1, sets=sets, data_root=data_root, device="cpu",
                    progress=False)  # fmt: skip
     stopped = train_run(prepare(spec), stop_after_steps=2)

@@ -66,7 +66,7 @@ def test_predict_finds_the_named_shape(data_root, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["linear", "prompt", "lora", "full"])
-def test_finetune_every_mode_on_glip_nano(data_root, tmp_path, tiny_weights, mode):
+def test_finetune_every_mode_on_glip_nano(data_root, tmp_path, tiny_weights, vocab_dir, mode):
     out = tmp_path / mode
     result = glip("finetune", "--recipe", "demo/shifted", "--mode", mode, "--data-root", data_root, "--out", out,
                   "--device", "cpu", *BUDGET)  # fmt: skip
@@ -84,7 +84,7 @@ def test_finetune_every_mode_on_glip_nano(data_root, tmp_path, tiny_weights, mod
         assert metrics["AP"] == pytest.approx(res["test"]["AP"], abs=1e-6)
         # a glip-nano adapter on other weights is refused, naming both variants
         refused = glip("zeroshot", "eval", "--recipe", "demo/shifted", "--adapter", out, "--weights", tiny_weights,
-                       "--data-root", data_root, "--out", tmp_path / "eval2", "--device", "cpu")  # fmt: skip
+                       "--tokenizer", vocab_dir, "--data-root", data_root, "--out", tmp_path / "eval2", "--device", "cpu")  # fmt: skip
         assert refused.exit_code == 2 and "made for glip-nano, not test-tiny" in refused.output
 
 

@@ -272,9 +272,12 @@ def _parameters_on_meta():
 
 def save_state(state: dict[str, torch.Tensor], cfg: GLIPConfig, path: str | Path, metadata: dict | None = None) -> None:
     """Save weights as safetensors (atomically) with the model config in the metadata: the
-    format every loader here reads."""
+    format every loader here reads. A language encoder that an installed package supplies
+    (``cfg.language.pretrained``) is left out."""
     from safetensors.torch import save_file
 
+    if cfg.language.pretrained:  # the installed encoder package supplies these
+        state = {k: v for k, v in state.items() if not k.startswith("language_backbone.")}
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {"format": "glip-transfer", "glip_config": json.dumps(to_dict(cfg))}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
@@ -318,6 +321,10 @@ def load_model(
         cfg.language.tokenizer = tokenizer
     cfg = override_dataclass(cfg, overrides or [], "model")
     model = build_empty(cfg)
+    if cfg.language.pretrained and not any(k.startswith("language_backbone.") for k in state):
+        from .text_encoders import packaged_language_state
+
+        state = {**state, **packaged_language_state(cfg.language.pretrained)}
     report = load_weights(model, state, str(weights), assign=True)
     model.eval()
     return model, report

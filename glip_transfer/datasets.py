@@ -142,6 +142,11 @@ def plan_downloads(target: str) -> list[DatasetPlan]:
     plans: dict[str, DatasetPlan] = {}
     for recipe in select_recipes(target):
         name = recipe_dataset(recipe)
+        if name is None and recipe.synthetic is not None:
+            raise RecipeError(
+                f"recipe {recipe.name}: its data is synthetic, rendered on first use (or: glip data synth "
+                f"--split {recipe.synthetic.split} --out DATA_ROOT/{recipe.synthetic.folder}); there is nothing to download"
+            )
         if name is None:
             raise RecipeError(
                 f"recipe {recipe.name}: its files ({recipe_files(recipe)[0]}, ...) are not an ODinW dataset of the hub; "
@@ -261,7 +266,8 @@ def extract_dataset(zip_path: str | os.PathLike, parent: str | os.PathLike, name
 
 def data_table(data_root: str | os.PathLike) -> list[dict]:
     """Every recipe's dataset and whether its files are under ``data_root``:
-    ``[{"recipe", "dataset", "present", "missing", "download"}]``."""
+    ``[{"recipe", "dataset", "present", "missing", "download", "synthetic"}]`` (``synthetic``: the
+    recipe's data is rendered on first use)."""
     rows = []
     for recipe in list_recipes():
         missing = missing_files(recipe, data_root)
@@ -271,5 +277,6 @@ def data_table(data_root: str | os.PathLike) -> list[dict]:
             "present": not missing,
             "missing": [str(p) for p in missing],
             "download": download_command(recipe, data_root) if missing else None,
+            "synthetic": recipe.synthetic is not None,
         })  # fmt: skip
     return rows

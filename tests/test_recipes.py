@@ -148,7 +148,7 @@ def captions_quietly(recipe, tokenizer, annotation_categories=None):
 def test_every_official_config_has_a_recipe(all_recipes):
     expected = (
         {f"odinw35/{n}" for n in ODINW35} | {f"odinw13/{n}" for n in ODINW13} | {"coco", "lvis-minival", "lvis-val"}
-    )
+    ) | {"demo/novel", "demo/shifted", "nano/pretrain"}  # glip-nano's synthetic recipes
     assert set(all_recipes) == expected
     assert len(ODINW35) == 36 and len(ODINW13) == 13
     for name, recipe in all_recipes.items():
@@ -409,6 +409,10 @@ def test_minimal_recipe_defaults(tmp_path, tokenizer):
             "tuning: batch_size: expected a whole number",
         ),
         (GOOD + "tuning: {}\n", "tuning: split 'test' is not in splits"),
+        (GOOD + 'synthetic: {split: nope, folder: a}\n', "synthetic.split 'nope'"),
+        (GOOD + 'synthetic: {split: novel, folder: elsewhere}\n', "is not under synthetic.folder 'elsewhere'"),
+        (GOOD + 'pretraining: {train: {lr: fast}}\n', "pretraining.train.lr: expected a number"),
+        (GOOD + 'pretraining: {train: {speed: 1}}\n', "unknown key 'speed'"),
         ("name: [unclosed\n", "not valid YAML"),
         ("- a list\n", "top level"),
     ],
@@ -473,7 +477,7 @@ def test_cli_list(run):
     assert "odinw35/aquarium" in result.output and "lvis-minival" in result.output
     assert max(len(line) for line in result.output.splitlines()) <= 80
     data = json.loads(run("list", "--json").output)
-    assert len(data) == 52
+    assert len(data) == 55  # 49 ODinW, COCO, 2 LVIS, 3 synthetic
     entry = next(d for d in data if d["name"] == "odinw35/Aquarium_Aquarium_Combined.v2-raw-1024.coco")
     assert entry["aliases"] == ["odinw35/aquarium"] and entry["categories"] == 7 and entry["prompts"]
 
@@ -510,3 +514,34 @@ def test_cli_show_text_and_errors(run, tmp_path):
     data = json.loads(result.stdout)
     assert data["caption"].startswith(" fish.") and data["tokenizer"] is None
     assert "--tokenizer" in data["notices"][0]
+
+
+def test_synthetic_recipe_renders_its_data_on_first_use(tmp_path, monkeypatch):
+    import dataclasses
+
+    from glip_transfer.recipes import split_paths
+    from glip_transfer.synth import SPLITS
+
+    monkeypatch.setitem(SPLITS, "shifted", dataclasses.replace(SPLITS["shifted"], subsets={"train": 4, "val": 2, "test": 2}))
+    recipe = load_recipe("demo/shifted")
+    assert recipe.weights == "glip-nano" and recipe.synthetic.split == "shifted"
+    said = []
+    ann, img = split_paths(recipe, "val", tmp_path, notify=said.append)
+    assert ann == tmp_path / "synth/shifted/val.json" and len(list(img.iterdir())) == 2
+    assert len(said) == 1 and "first use" in said[0]
+    assert split_paths(recipe, "test", tmp_path, notify=said.append)[0].is_file() and len(said) == 1
+    few = tmp_path / recipe.few_shot.ann_file("train", 3, 30)
+    assert few.is_file()
+    other = load_recipe("coco")
+    with pytest.raises(FileNotFoundError, match="check --data-root"):
+        split_paths(other, None, tmp_path)
+
+
+def test_pretraining_recipe_settings():
+    from glip_transfer.training.config import pretrain_config
+
+    recipe = load_recipe("nano/pretrain")
+    cfg = pretrain_config(recipe.pretraining.train)
+    assert recipe.pretraining.variant == "glip-nano"
+    assert cfg.frozen == ("language_backbone",) and cfg.flip_prob == 0.0
+    assert pretrain_config().frozen == () and pretrain_config().batch_size == 64

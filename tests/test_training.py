@@ -680,6 +680,18 @@ def test_load_adapter_checks_base_and_caption(tmp_path):
         load_adapter(m, tmp_path / "nope", base_hash=None, caption=None)
 
 
+def test_adapter_of_another_variant_is_refused_naming_both(tmp_path):
+    """A glip-nano adapter on GLIP-T weights (here: test-tiny) is refused before anything is applied."""
+    from glip_transfer.training.artifacts import AdapterError, load_adapter, save_prompt_artifact
+
+    path = save_prompt_artifact(tmp_path / "prompt.safetensors", torch.zeros(256, 32), caption="heart", recipe=None,
+                                base="ab" * 32, extra={"variant": "glip-nano"})  # fmt: skip
+    model = tiny()
+    with pytest.raises(AdapterError, match="made for glip-nano, not test-tiny") as e:
+        load_adapter(model, path, base_hash=None, caption=None)
+    assert "\n" not in str(e.value) and model.prompt_offset is None
+
+
 def test_prompt_artifact_written_by_earlier_versions_still_applies(tmp_path):
     """The prompt.safetensors format, written here byte for byte as earlier versions wrote it."""
     from safetensors.torch import save_file

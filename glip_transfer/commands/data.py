@@ -1,4 +1,5 @@
-"""``glip data``: the recipes' datasets by name — download the ODinW zips, list what is present."""
+"""``glip data``: the recipes' datasets by name — download the ODinW zips, list what is present —
+and ``glip data synth``, the synthetic grounding corpus (glip-nano's pretraining data) and the demo targets."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from ..runtime import progress_bar
 from .common import console, err_console, handle_errors
 
 app = typer.Typer(
     name="data",
-    help="Datasets of the recipes: download ODinW by name, list what is present.",
+    help="Datasets of the recipes: download ODinW by name, list what is present, render the synthetic corpus.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -50,7 +52,7 @@ def download_command(
 @handle_errors
 def list_command(
     data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help=DATA_ROOT_HELP),
-    as_json: bool = typer.Option(False, "--json", help='Print [{"recipe","dataset","present","missing","download"}].'),
+    as_json: bool = typer.Option(False, "--json", help='Print [{"recipe","dataset","present","missing","download","synthetic"}].'),
 ):
     """Each recipe's dataset and whether its files are under --data-root (no network)."""
     from ..datasets import data_table
@@ -63,9 +65,38 @@ def list_command(
     for column in ("recipe", "ODinW zip", "here"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        here = "[green]present[/]" if row["present"] else "[red]missing[/]" if row["dataset"] else "[red]missing[/] (not on the hub)"
+        if row["present"]:
+            here = "[green]present[/]"
+        elif row["synthetic"]:
+            here = "rendered on first use"
+        else:
+            here = "[red]missing[/]" if row["dataset"] else "[red]missing[/] (not on the hub)"
         table.add_row(row["recipe"], row["dataset"] or "-", here)
     console.print(table)
     present = sum(r["present"] for r in rows)
     console.print(f"{present} of {len(rows)} recipes have their files under {data_root}; "
                   "glip data download odinw13 | odinw35 | RECIPE fetches the ODinW ones")  # fmt: skip
+
+
+@app.command("synth")
+@handle_errors
+def synth_command(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (refused when not empty, unless --force)."),
+    split: str = typer.Option("pretrain", "--split", help="pretrain | novel | shifted (the demo targets)."),
+    images: int = typer.Option(None, "--images", "-n", min=1, help="Training images (default: pretrain 12000, novel / shifted 200)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same arguments give the same files, byte for byte."),
+    force: bool = typer.Option(False, "--force", help="Replace the synthetic data in a non-empty --out."),
+):
+    """Render a synthetic grounding split: images, captions with phrase spans, COCO boxes."""
+    from ..synth import check_out, generate, split_spec, subset_sizes
+
+    spec = split_spec(split)
+    sizes = subset_sizes(spec, images)
+    check_out(out, force)
+    with progress_bar() as bar:
+        task = bar.add_task(f"synth {split}", total=sum(sizes.values()), info="")
+        manifest = generate(out, split, images=images, seed=seed, force=force,
+                            progress=lambda done, total: bar.update(task, completed=done))  # fmt: skip
+    parts = ", ".join(f"{n} {name}" for name, n in manifest["subsets"].items())
+    console.print(f"[bold]{split}[/] ({spec.summary}): {parts} images, {len(manifest['categories'])} categories -> {out}",
+                  highlight=False, soft_wrap=True)  # fmt: skip

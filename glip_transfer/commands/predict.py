@@ -148,8 +148,12 @@ def predict_command(
     threshold: float = typer.Option(
         0.5, "--threshold", "-t", help="Keep detections scoring at least this, in [0, 1] (0 keeps all the model gives)."
     ),
-    min_size: int = typer.Option(800, "--min-size", help=SIZE_HELP[0]),
-    max_size: int = typer.Option(1333, "--max-size", help=SIZE_HELP[1] + "."),
+    min_size: int = typer.Option(
+        None, "--min-size", help=SIZE_HELP[0] + " [default: the model's own: GLIP 800, glip-nano 160]."
+    ),
+    max_size: int = typer.Option(
+        None, "--max-size", help=SIZE_HELP[1] + " [default: the model's own: GLIP 1333, glip-nano 160]."
+    ),
     max_detections: int = typer.Option(
         100, "--max-detections", help="Detections kept per image before --threshold (>= 1)."
     ),

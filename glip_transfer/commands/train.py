@@ -238,7 +238,7 @@ def _seed_summary(summaries, folder: Path) -> None:
 def finetune_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
     weights: str = typer.Option(None, "--weights", "-w", help="Base model: a name (glip weights list) or an official .pth / .safetensors "
-                                "[default: glip-t; with --variant and no --weights: random initial weights]."),
+                                "[default: the recipe's weights, else glip-t; with --variant and no --weights: random initial weights]."),
     mode: str = typer.Option("full", "--mode", "-m", help=MODE_HELP),
     shots: int = typer.Option(0, "--shots", min=0, help="K-shot training subset (1, 3, 5, 10; 0 = all data)."),
     seeds: str = typer.Option(None, "--seeds", help="Few-shot draws to run, e.g. 3,30,300 (mean ± std reported)."),
@@ -287,8 +287,6 @@ def finetune_command(
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     if as_json and not dry_run:
         fail("--json goes with --dry-run")
-    if weights is None and variant is None:
-        weights = "glip-t"
     seed_list = _parse_seeds(seeds)
     all_sets = size_sets(min_size, max_size, max_steps) + list(sets or [])
     check_model_inputs(weights, tokenizer)

@@ -19,6 +19,7 @@ from ..evaluation import (
     write_results,
 )
 from ..files import OutputError, is_direct, write_text
+from ..hub import DEFAULT_WEIGHTS
 from ..recipes import dataset_name, safe_name
 from ..runlock import RunLock
 from ..runtime import progress_bar, resolve_device
@@ -47,7 +48,9 @@ app = typer.Typer(
 @handle_errors
 def eval_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: str = typer.Option("glip-t", "--weights", "-w", help=WEIGHTS_HELP),
+    weights: str = typer.Option(
+        None, "--weights", "-w", help=WEIGHTS_HELP + " [default: the recipe's weights, else glip-t]"
+    ),
     data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help=DATA_ROOT_HELP),
     split: str = typer.Option(None, "--split", help="val | test [default: the recipe's evaluation split]."),
     batch_size: int = typer.Option(
@@ -102,6 +105,7 @@ def eval_command(
     sets = size_sets + list(sets or [])  # an explicit --set of the same key comes last and wins
     sets_by = split_overrides(sets, ("model",))
     rec = evaluation_recipe(recipe, ann, images, overrides=sets_by["recipe"])
+    weights = weights or rec.weights or DEFAULT_WEIGHTS
     ev = rec.evaluation
     if amp:
         ev.amp = True

@@ -280,12 +280,19 @@ def load_adapter(model: GLIP, path: str | os.PathLike, *, base_hash: str | None,
     ``rpn.tunable_linear``; LoRA adapters are merged into the weights; changed weights are copied
     in. Returns the artifact's kind.
 
-    Refuses (:class:`AdapterError`, one line) an artifact made for a base checkpoint whose hash
+    Refuses (:class:`AdapterError`, one line) an artifact made for another variant (glip-nano vs
+    GLIP-T: both named), one made for a base checkpoint whose hash
     differs from ``base_hash``, and a prompt offset trained for another ``caption`` (its rows are
     tied to token positions). ``base_hash=None`` / ``caption=None`` skip those checks. A weights
     or LoRA artifact used with another caption only warns: it works with any prompt.
     """
     tensors, meta, found, kind = read_artifact(path)
+    variant = meta.get("variant")
+    if variant and variant != model.cfg.variant:
+        raise AdapterError(
+            f"{found}: this {meta.get('mode', '?')} adapter was made for {variant}, not {model.cfg.variant}: "
+            f"pass --weights of the {variant} model it was trained from"
+        )
     made_for = meta.get("base_sha256")
     if base_hash is not None and made_for and made_for != base_hash:
         raise AdapterError(

@@ -86,6 +86,7 @@ class TrainConfig:
     dropout: float | None = None  # override every dropout probability of the model (None: keep 0.1)
     negatives: int = 85  # DATASETS.RANDOM_SAMPLE_NEG (pretraining on detection data)
     few_shot_prepared: bool = False  # use the recipe's prepared few-shot files instead of sampling
+    frozen: tuple[str, ...] = ()  # full mode: parameter-name prefixes that stay frozen (e.g. language_backbone)
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def check(self) -> "TrainConfig":
@@ -119,11 +120,12 @@ class TrainConfig:
         return self
 
 
-def pretrain_config() -> TrainConfig:
+def pretrain_config(recipe_settings: dict | None = None) -> TrainConfig:
     """GLIP-T pretraining settings (``configs/pretrain/glip_Swin_T_O365_GoldG.yaml``): AdamW 1e-4,
     BERT 1e-5, weight decay 1e-4, steps at 67 % / 89 %, 2000 warm-up iterations from 0.001, EMA
-    0.999, AMP, gradient clipping 1.0, nothing frozen (FREEZE_CONV_BODY_AT -1), 30 epochs, batch 64."""
-    return TrainConfig(
+    0.999, AMP, gradient clipping 1.0, nothing frozen (FREEZE_CONV_BODY_AT -1), 30 epochs, batch 64;
+    then a recipe's ``pretraining.train`` settings replace any of them."""
+    cfg = TrainConfig(
         epochs=30,
         batch_size=64,
         lr=1e-4,
@@ -140,6 +142,11 @@ def pretrain_config() -> TrainConfig:
         early_stop_patience=0,
         seed=0,
     )
+    if recipe_settings:
+        from ..config import from_dict, to_dict
+
+        cfg = from_dict(TrainConfig, {**to_dict(cfg), **recipe_settings}, "pretraining.train")
+    return cfg
 
 
 def apply_train_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -49,11 +49,29 @@ def _full_trains(model: GLIP, cfg: TrainConfig) -> list[nn.Parameter]:
         for m in (*model.backbone.frozen_stages(cfg.freeze_backbone_at), model.rpn.head.cls_logits)
         for p in m.parameters()
     }
+    frozen |= {id(p) for p in _named_frozen(model, cfg.frozen)}
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
+def _named_frozen(model: GLIP, names: Iterable[str]) -> list[nn.Parameter]:
+    """The parameters ``train.frozen`` names: a parameter's name or a module's (all its parameters)."""
+    params = dict(model.named_parameters())
+    found: list[nn.Parameter] = []
+    for given in names:
+        prefix = given.rstrip(".") + "."
+        matched = [p for n, p in params.items() if n == given or n.startswith(prefix)]
+        if not matched:
+            raise ConfigError(
+                f"train.frozen: {given!r} names no parameter or module of the model (e.g. language_backbone, backbone.body)"
+            )
+        found += matched
+    return found
+
+
 def _full_eval(model: GLIP, cfg: TrainConfig) -> list[nn.Module]:
-    return [*model.backbone.frozen_stages(cfg.freeze_backbone_at), model.rpn.head.cls_logits]
+    # a part that train.frozen freezes whole (glip-nano's language backbone) runs in eval mode too
+    frozen_parts = [part for part in _parts(model) if not _holds_trainable(part)] if cfg.frozen else []
+    return [*model.backbone.frozen_stages(cfg.freeze_backbone_at), *frozen_parts, model.rpn.head.cls_logits]
 
 
 def _add_prompt_offset(model: GLIP, cfg: TrainConfig) -> dict | None:
@@ -115,7 +133,8 @@ MODES: dict[str, TransferMode] = {
             official="full",
             trains=(
                 "every parameter but the Swin stages frozen by train.freeze_backbone_at (official "
-                "MODEL.BACKBONE.FREEZE_CONV_BODY_AT; 2: the patch embedding and stage 1, kept in eval mode)"
+                "MODEL.BACKBONE.FREEZE_CONV_BODY_AT; 2: the patch embedding and stage 1, kept in eval mode) "
+                "and those train.frozen names (a part frozen whole runs in eval mode)"
             ),
             no_autograd=(),
             trainable=_full_trains,

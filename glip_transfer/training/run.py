@@ -14,6 +14,7 @@ Run folder (``--out``)::
                           weights so far); removed when the run finishes (--keep-checkpoints keeps
                           last)
     prompt.safetensors | lora/ | weights.safetensors     the artifact of the mode: the best weights
+    model.safetensors     (pretraining) the whole pretrained model, loadable with --weights
     test/                 bbox.json, metrics.json, per_category.csv, report.md of the best weights
     curves.png            loss and val AP
     result.json           the summary and the provenance; its presence marks a finished run
@@ -33,11 +34,12 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..checkpoint import load_model, resolve_weights
+from ..checkpoint import load_model, resolve_weights, save_model
 from ..config import ConfigError, override_dataclass, split_overrides, to_dict, variant_config
 from ..data import DetectionDataset, load_coco
 from ..evaluation import crowded_images, scalar_metrics, write_results
 from ..files import FULL_DISK_HINT, OutputError, output_error, write_text
+from ..hub import DEFAULT_WEIGHTS
 from ..inference import EncodedPrompt
 from ..model.glip import GLIP, build_glip
 from ..prompts import DetectionPrompt
@@ -82,6 +84,7 @@ if TYPE_CHECKING:  # transformers costs a second to import; the tokenizer is loa
     from transformers import PreTrainedTokenizerBase
 
 RESULT_FILE = "result.json"
+MODEL_FILE = "model.safetensors"  # what glip pretrain leaves: the whole pretrained model
 
 
 @dataclass
@@ -146,7 +149,10 @@ def build_train_config(
     spec: RunSpec, recipe: Recipe, train_sets: list[str], *, shuffle_seed: int | None, world: int
 ) -> TrainConfig:
     """The recipe's official settings for the mode (or pretraining's), then the command line."""
-    cfg = pretrain_config() if spec.pretrain else train_config_for(recipe, spec.mode, spec.shots)
+    if spec.pretrain:
+        cfg = pretrain_config(recipe.pretraining.train if recipe.pretraining is not None else None)
+    else:
+        cfg = train_config_for(recipe, spec.mode, spec.shots)
     if spec.epochs is not None:
         cfg.epochs = spec.epochs
     if spec.batch_size is not None:
@@ -166,6 +172,11 @@ def build_model(spec: RunSpec, recipe: Recipe, model_sets: list[str], seed: int)
     configured to evaluate as the recipe says, then by ``--set model.*``; and notes for the user."""
     seed_everything(seed)
     overrides = recipe.evaluation.model_overrides() + model_sets
+    if spec.weights is None and spec.variant is None:  # the recipe's defaults, else GLIP-T's weights
+        if spec.pretrain and recipe.pretraining is not None and recipe.pretraining.variant:
+            spec.variant = recipe.pretraining.variant
+        elif recipe.weights or not spec.pretrain:
+            spec.weights = recipe.weights or DEFAULT_WEIGHTS
     if spec.weights is not None:
         model, _ = load_model(spec.weights, variant=spec.variant, tokenizer=spec.tokenizer, overrides=overrides)
         return model, []
@@ -177,7 +188,14 @@ def build_model(spec: RunSpec, recipe: Recipe, model_sets: list[str], seed: int)
     if spec.tokenizer:
         cfg.language.tokenizer = spec.tokenizer
     model = build_glip(override_dataclass(cfg, overrides, "model"))
-    return model, [f"no --weights: {spec.variant} with random initial weights (seed {seed})"]
+    if not cfg.language.pretrained:
+        return model, [f"no --weights: {spec.variant} with random initial weights (seed {seed})"]
+    from ..text_encoders import packaged_language_state
+
+    model.load_state_dict({**model.state_dict(), **packaged_language_state(cfg.language.pretrained)})
+    return model, [
+        f"no --weights: {spec.variant} with random initial vision weights (seed {seed}), language from {cfg.language.pretrained}"
+    ]
 
 
 @dataclass
@@ -420,6 +438,7 @@ OWNED = (
     "prompt.safetensors",
     "weights.safetensors",
     "lora",
+    MODEL_FILE,
 )
 
 
@@ -637,6 +656,10 @@ def _train_locked(prep: Prepared, console: Console | None, stop_after_steps: int
                     f"test (best weights, epoch {state.best_epoch}): AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}"
                 )
         summary["artifact"] = str(write_artifact(prep, trainer))
+        if spec.pretrain:  # the pretrained model itself, for --weights (a packaged language encoder left out)
+            save_model(prep.model, out / MODEL_FILE, metadata={"recipe": prep.recipe.name, "steps": state.step,
+                                                               "train_config": json.dumps(to_dict(prep.cfg))})  # fmt: skip
+            summary["model"] = str(out / MODEL_FILE)
         try:
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")
         except Exception as e:  # noqa: BLE001 - a plot must not fail a finished run

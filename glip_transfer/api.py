@@ -31,8 +31,9 @@ import torch
 from PIL import Image
 
 from .checkpoint import config_from_metadata, load_model, read_safetensors_metadata
-from .config import MAX_QUERY_LEN, InputConfig, check_inference_settings
+from .config import MAX_QUERY_LEN, InputConfig, check_inference_settings, variant_config
 from .data import DataError, ImageFiles, default_workers, make_loader
+from .hub import weights_spec
 from .inference import EncodedPrompt, detect_batch, to_original_size
 from .model.glip import GLIP
 from .prompts import PromptError, build_detection_prompt, phrase_prompt
@@ -122,6 +123,9 @@ def weights_tokenizer(weights: str | os.PathLike | None) -> str:
     records its config; only the header is read), else ``bert-base-uncased`` (every official
     checkpoint)."""
     path = Path(os.fspath(weights)) if weights is not None else None
+    spec = weights_spec(os.fspath(weights)) if path is not None and not path.exists() else None
+    if spec is not None:  # a weights name: its variant's tokenizer (glip-nano: the installed MiniLM package)
+        return variant_config(spec.variant).language.tokenizer
     if path is not None and path.suffix == ".safetensors" and path.is_file():
         cfg = config_from_metadata(read_safetensors_metadata(path))
         if cfg is not None:

@@ -45,7 +45,7 @@ MODES = ("linear", "prompt", "lora", "full")
 # Per-mode settings of the demo's fine-tuning runs (``--set`` values of glip finetune): batch 8,
 # no AMP (CPU), glip-nano's 160-pixel input and no dropout (as pretrained), a constant learning rate, and the
 # learning rates of a 75-step budget on 200 images (the official ones are for 200 epochs).
-COMMON = ["train.batch_size=8", "train.eval_batch_size=8", "train.amp=false", "train.workers=0", "train.warmup_iters=0",
+COMMON = ["train.batch_size=8", "evaluation.batch_size=8", "train.amp=false", "train.workers=0", "train.warmup_iters=0",
           "train.schedule=constant", "train.dropout=0.0", "train.min_sizes=[160]", "train.max_size=160"]  # fmt: skip
 MODE_SETTINGS: dict[str, list[str]] = {
     "linear": ["train.lr=0.001", "train.weight_decay=0.0"],

@@ -133,14 +133,16 @@ def weights_tokenizer(weights: str | os.PathLike | None) -> str:
     return DEFAULT_TOKENIZER
 
 
-def resolve_tokenizer(tokenizer: Any, weights: str | os.PathLike | None):
+def resolve_tokenizer(tokenizer: Any, weights: str | os.PathLike | None, variant: str | None = None):
     """A loaded tokenizer: ``tokenizer`` itself when it is one, else the one it names (a folder
     with ``vocab.txt`` or a hub id), else ``$GLIP_TOKENIZER``, else the weights' own
-    (:func:`weights_tokenizer`). A one-line :class:`PromptError` when it cannot be loaded."""
+    (:func:`weights_tokenizer`; without weights, the ``variant``'s). A one-line
+    :class:`PromptError` when it cannot be loaded."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     given = os.fspath(tokenizer) if tokenizer is not None else None
-    return load_tokenizer(default_tokenizer(given, weights_tokenizer(weights)))
+    own = variant_config(variant).language.tokenizer if weights is None and variant else weights_tokenizer(weights)
+    return load_tokenizer(default_tokenizer(given, own))
 
 
 def check_weights(weights: str | os.PathLike | None) -> None:

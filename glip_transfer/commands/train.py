@@ -62,13 +62,19 @@ def size_sets(min_size: int | None, max_size: int | None, max_steps: int | None)
     return sets
 
 
-def check_model_inputs(weights: str | None, tokenizer: str | None) -> None:
-    """Before anything loads: the weights name or file exists and the tokenizer loads."""
+def check_model_inputs(
+    weights: str | None, tokenizer: str | None, variant: str | None, recipe: str | None, pretrain: bool
+) -> None:
+    """Before anything loads: the weights name or file the run starts from (the recipe's default
+    when not given) exists and its tokenizer loads."""
     from ..api import check_weights, resolve_tokenizer
+    from ..recipes import load_recipe
+    from ..training.run import starting_point
 
+    weights, variant = starting_point(weights, variant, load_recipe(recipe) if recipe else None, pretrain)
     if weights is not None:
         check_weights(weights)
-    resolve_tokenizer(tokenizer, weights)
+    resolve_tokenizer(tokenizer, weights, variant)
 
 
 def _parse_seeds(text: str | None) -> list[int] | None:
@@ -289,7 +295,7 @@ def finetune_command(
         fail("--json goes with --dry-run")
     seed_list = _parse_seeds(seeds)
     all_sets = size_sets(min_size, max_size, max_steps) + list(sets or [])
-    check_model_inputs(weights, tokenizer)
+    check_model_inputs(weights, tokenizer, variant, recipe, pretrain=False)
     if seed_list and not shots:
         err_console.print(
             "[yellow]note:[/] --seeds draws few-shot subsets; without --shots every seed trains on all the data"
@@ -367,7 +373,7 @@ def pretrain_command(
     if recipe is None and ann is None:
         fail("give --recipe NAME, or --ann FILE with --images DIR")
     all_sets = size_sets(min_size, max_size, max_steps) + list(sets or [])
-    check_model_inputs(weights, tokenizer)
+    check_model_inputs(weights, tokenizer, variant, recipe, pretrain=True)
     spec = dict(
         mode="full",
         recipe=recipe,

@@ -167,16 +167,28 @@ def build_train_config(
     return cfg
 
 
+def starting_point(
+    weights: str | None, variant: str | None, recipe: Recipe | None, pretrain: bool
+) -> tuple[str | None, str | None]:
+    """``(weights, variant)`` a run starts from. Given neither: a pretraining recipe's variant
+    (random vision weights), else the recipe's default weights, else glip-t (fine-tuning; a
+    pretraining run without a recipe variant needs one of the two)."""
+    if weights is not None or variant is not None:
+        return weights, variant
+    if pretrain and recipe is not None and recipe.pretraining is not None and recipe.pretraining.variant:
+        return None, recipe.pretraining.variant
+    recipe_weights = recipe.weights if recipe is not None else None
+    if recipe_weights or not pretrain:
+        return recipe_weights or DEFAULT_WEIGHTS, None
+    return None, None
+
+
 def build_model(spec: RunSpec, recipe: Recipe, model_sets: list[str], seed: int) -> tuple[GLIP, list[str]]:
     """The base model (``--weights``, or ``--variant`` with random weights drawn from ``seed``),
     configured to evaluate as the recipe says, then by ``--set model.*``; and notes for the user."""
     seed_everything(seed)
     overrides = recipe.evaluation.model_overrides() + model_sets
-    if spec.weights is None and spec.variant is None:  # the recipe's defaults, else GLIP-T's weights
-        if spec.pretrain and recipe.pretraining is not None and recipe.pretraining.variant:
-            spec.variant = recipe.pretraining.variant
-        elif recipe.weights or not spec.pretrain:
-            spec.weights = recipe.weights or DEFAULT_WEIGHTS
+    spec.weights, spec.variant = starting_point(spec.weights, spec.variant, recipe, spec.pretrain)
     if spec.weights is not None:
         model, _ = load_model(spec.weights, variant=spec.variant, tokenizer=spec.tokenizer, overrides=overrides)
         return model, []

@@ -36,8 +36,8 @@ TARGETS = ("demo/novel", "demo/shifted")
 def run_pretraining(args) -> list[dict]:
     timing_file = args.out / "timing.json"
     segments = json.loads(timing_file.read_text()) if (args.resume and timing_file.exists()) else []
-    cmd = [sys.executable, "-m", "glip_transfer.cli", "pretrain", "--recipe", "nano/pretrain", "--data-root", str(args.data_root),
-           "--out", str(args.out)] + (["--resume"] if args.resume else ["--force"])  # fmt: skip
+    cmd = [sys.executable, "-m", "glip_transfer.cli", "pretrain", "--recipe", "nano/pretrain", "--data-root",
+           str(args.data_root), "--out", str(args.out)] + (["--resume"] if args.resume else ["--force"])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GLIP_PROGRESS": "0"}
     args.out.mkdir(parents=True, exist_ok=True)
     load_before, start = os.getloadavg(), time.perf_counter()
@@ -50,7 +50,9 @@ def run_pretraining(args) -> list[dict]:
     segments.append(segment)
     timing_file.write_text(json.dumps(segments, indent=2) + "\n")
     if segment["exit_code"] != 0:
-        raise SystemExit(f"glip pretrain failed (exit {segment['exit_code']}): see {args.out.parent / f'{args.out.name}.log'}")
+        raise SystemExit(
+            f"glip pretrain failed (exit {segment['exit_code']}): see {args.out.parent / f'{args.out.name}.log'}"
+        )
     return segments
 
 
@@ -63,7 +65,9 @@ def ship(model_file: Path, target: Path) -> dict:
 
     model, _ = load_model(model_file)
     params = {n for n, _ in model.named_parameters()}
-    state = {k: (v.to(torch.float16) if k in params and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    state = {
+        k: (v.to(torch.float16) if k in params and v.is_floating_point() else v) for k, v in model.state_dict().items()
+    }
     meta = json.loads(_metadata(model_file).get("train_config", "{}") or "{}")
     encoder = PACKAGED_ENCODERS[model.cfg.language.pretrained]
     save_model(model, target, state=state, metadata={
@@ -71,8 +75,8 @@ def ship(model_file: Path, target: Path) -> dict:
         "language": f"{encoder.package} ({encoder.source}), model.safetensors sha256 {encoder.sha256}, not stored here",
         "train_config": json.dumps(meta), "source_sha256": _sha256(model_file)})  # fmt: skip
     stored = {k: v for k, v in state.items() if not k.startswith("language_backbone.")}
-    return {"file": str(target.relative_to(ROOT)), "bytes": target.stat().st_size, "values": sum(v.numel() for v in stored.values()),
-            "sha256": _sha256(target)}  # fmt: skip
+    return {"file": str(target.relative_to(ROOT)), "bytes": target.stat().st_size,
+            "values": sum(v.numel() for v in stored.values()), "sha256": _sha256(target)}  # fmt: skip
 
 
 def _metadata(path: Path) -> dict:
@@ -113,7 +117,8 @@ def compare(fp32: Path, fp16: Path, data_root: Path) -> dict:
             metrics[kind] = {"AP": m["AP"], "AP50": m["AP50"]}
         score_diff, box_diff, unmatched = _differences(results["float32"], results["float16"])
         out[name] = {"metrics": metrics, "max_score_diff": score_diff, "max_box_diff_px": box_diff,
-                     "detections": {k: len(v) for k, v in results.items()}, "unmatched_above_0.3": unmatched}  # fmt: skip
+                     "detections": {k: len(v) for k, v in results.items()},
+                     "unmatched_above_0.3": unmatched}  # fmt: skip
     return out
 
 
@@ -146,9 +151,13 @@ def curve(run: Path) -> dict:
     steps = [r for r in records if r.get("type") == "step"]
     evals = [r for r in records if r.get("type") == "eval"]
     chunk = max(1, len(steps) // 20)
-    loss = [{"step": steps[min(i + chunk, len(steps)) - 1]["step"], "loss": sum(r["loss"] for r in steps[i : i + chunk]) / len(steps[i : i + chunk])}
+    loss = [{"step": steps[min(i + chunk, len(steps)) - 1]["step"],
+             "loss": sum(r["loss"] for r in steps[i : i + chunk]) / len(steps[i : i + chunk])}
             for i in range(0, len(steps), chunk)]  # fmt: skip
-    return {"loss": loss, "val": [{"epoch": r["epoch"], "step": r["step"], "AP": r.get("AP"), "AP50": r.get("AP50")} for r in evals]}
+    return {
+        "loss": loss,
+        "val": [{"epoch": r["epoch"], "step": r["step"], "AP": r.get("AP"), "AP50": r.get("AP50")} for r in evals],
+    }
 
 
 def small_plot(src: Path, dst: Path, width: int = 880) -> None:
@@ -167,7 +176,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--skip-train", action="store_true", help="use the finished run in --out as it is")
-    parser.add_argument("--ship", action="store_true", help="write glip_transfer/weights/glip-nano.safetensors and compare it")
+    parser.add_argument(
+        "--ship", action="store_true", help="write glip_transfer/weights/glip-nano.safetensors and compare it"
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     args.data_root = args.data_root or args.out.parent / f"{args.out.name}-data"
@@ -179,11 +190,13 @@ def main() -> None:
     config = json.loads((args.out / "config.json").read_text())
     report = {
         "command": f"OMP_NUM_THREADS={args.threads} glip pretrain --recipe nano/pretrain",
-        "environment": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads},
+        "environment": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+                        "threads": args.threads},
         "segments": segments,
         "cpu_s": sum(s["cpu_s"] for s in segments), "wall_s": sum(s["wall_s"] for s in segments),
         "steps": result["steps"], "epochs": result["epochs"], "best_val_AP": result["best_val_AP"],
-        "trainable": result["trainable"], "total": result["total"], "images": config["images"], "train": config["train"],
+        "trainable": result["trainable"], "total": result["total"], "images": config["images"],
+        "train": config["train"],
         "model": config["model"], "curve": curve(args.out),
     }  # fmt: skip
     args.results.mkdir(parents=True, exist_ok=True)
@@ -197,22 +210,27 @@ def main() -> None:
         report["float16_vs_float32"] = compare(args.out / "model.safetensors", NANO_WEIGHTS, args.data_root)
     (args.results / "nano_pretrain.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = ["# glip-nano pretraining", "",
-             f"`{report['command']}` (the corpus rendered inside the run), {report['steps']} steps of {config['train']['batch_size']} "
-             f"images ({report['images']} images x {report['epochs']} epochs), {report['trainable']:,} trainable parameters "
-             f"(the language encoder frozen).", "",
-             f"CPU time {report['cpu_s'] / 60:.1f} min (user + sys of the process), wall {report['wall_s'] / 60:.1f} min, load "
-             + ", ".join(f"{s['load_before'][0]:.1f} -> {s['load_after'][0]:.1f}" for s in segments) + f" ({os.cpu_count()} CPUs).", "",
+             f"`{report['command']}` (the corpus rendered inside the run), {report['steps']} steps of "
+             f"{config['train']['batch_size']} images ({report['images']} images x {report['epochs']} epochs), "
+             f"{report['trainable']:,} trainable parameters (the language encoder frozen).", "",
+             f"CPU time {report['cpu_s'] / 60:.1f} min (user + sys of the process), "
+             f"wall {report['wall_s'] / 60:.1f} min, load "
+             + ", ".join(f"{s['load_before'][0]:.1f} -> {s['load_after'][0]:.1f}" for s in segments)
+             + f" ({os.cpu_count()} CPUs).", "",
              "| epoch | step | val AP | val AP50 |", "| ---: | ---: | ---: | ---: |"]  # fmt: skip
     lines += [f"| {v['epoch']} | {v['step']} | {v['AP']:.3f} | {v['AP50']:.3f} |" for v in report["curve"]["val"]]
     if args.ship:
         s = report["shipped"]
-        lines += ["", f"Shipped: `{s['file']}`, {s['bytes'] / 1e6:.1f} MB ({s['values']:,} values, float16), sha256 {s['sha256'][:16]}...", "",
-                  "| target (test) | float32 AP / AP50 | float16 AP / AP50 | max score diff | max box diff (px) | unmatched > 0.3 |",
+        lines += ["", f"Shipped: `{s['file']}`, {s['bytes'] / 1e6:.1f} MB ({s['values']:,} values, float16), "
+                  f"sha256 {s['sha256'][:16]}...", "",
+                  "| target (test) | float32 AP / AP50 | float16 AP / AP50 | max score diff | max box diff (px) "
+                  "| unmatched > 0.3 |",
                   "| --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
         for name, c in report["float16_vs_float32"].items():
             m32, m16 = c["metrics"]["float32"], c["metrics"]["float16"]
             lines.append(f"| {name} | {m32['AP']:.4f} / {m32['AP50']:.4f} | {m16['AP']:.4f} / {m16['AP50']:.4f} | "
-                         f"{c['max_score_diff']:.2e} | {c['max_box_diff_px']:.3f} | {c['unmatched_above_0.3']} |")  # fmt: skip
+                         f"{c['max_score_diff']:.2e} | {c['max_box_diff_px']:.3f} | "
+                         f"{c['unmatched_above_0.3']} |")  # fmt: skip
     lines += ["", "Curve: `nano_pretrain_curves.png`."]
     (args.results / "nano_pretrain.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -31,7 +31,11 @@ def child(cmd: list[str], threads: int, log: Path) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd[2:6])} failed: see {log}")
-    return {"cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": time.perf_counter() - start, "load": [load[0], os.getloadavg()[0]]}
+    return {
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "wall_s": time.perf_counter() - start,
+        "load": [load[0], os.getloadavg()[0]],
+    }
 
 
 def main() -> None:
@@ -52,14 +56,25 @@ def main() -> None:
     rows = []
     for target in ("demo/novel", "demo/shifted"):
         folder = args.work / f"zeroshot-{target.split('/')[1]}"
-        timing = child(glip + ["zeroshot", "eval", "--recipe", target, "--weights", args.weights, "--data-root", str(data), "--out", str(folder),
-                               "--force", "--batch-size", "8"], args.threads, folder.with_suffix(".log"))  # fmt: skip
+        timing = child(glip + ["zeroshot", "eval", "--recipe", target, "--weights", args.weights,
+                               "--data-root", str(data), "--out", str(folder), "--force", "--batch-size", "8"],
+                       args.threads, folder.with_suffix(".log"))  # fmt: skip
         metrics = json.loads((folder / "metrics.json").read_text())
-        rows.append({"target": target, "mode": "zeroshot", "trainable": 0, "ap": metrics["AP"], "ap50": metrics["AP50"], **timing})
+        rows.append(
+            {
+                "target": target,
+                "mode": "zeroshot",
+                "trainable": 0,
+                "ap": metrics["AP"],
+                "ap50": metrics["AP50"],
+                **timing,
+            }
+        )
     for mode in [m for m in args.modes.split(",") if m]:
         folder = args.work / f"{mode}"
-        cmd = glip + ["finetune", "--recipe", "demo/shifted", "--weights", args.weights, "--mode", mode, "--data-root", str(data),
-                      "--out", str(folder), "--force", "--epochs", str(args.epochs), "--shots", str(args.shots)]  # fmt: skip
+        cmd = glip + ["finetune", "--recipe", "demo/shifted", "--weights", args.weights, "--mode", mode,
+                      "--data-root", str(data), "--out", str(folder), "--force", "--epochs", str(args.epochs),
+                      "--shots", str(args.shots)]  # fmt: skip
         cmd += [x for s in args.sets for x in ("--set", s)]
         timing = child(cmd, args.threads, folder.with_suffix(".log"))
         result = json.loads((folder / "result.json").read_text())
@@ -75,8 +90,9 @@ def main() -> None:
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         share = f"{100 * r['trainable'] / r['total']:.2f} %" if r.get("total") else "-"
-        lines.append(f"| {r['target']} | {r['mode']} | {r['trainable']:,} | {share} | {r['ap']:.3f} | {r['ap50']:.3f} | "
-                     f"{r['cpu_s']:.0f} | {r['wall_s']:.0f} | {r['load'][0]:.1f} -> {r['load'][1]:.1f} |")  # fmt: skip
+        lines.append(f"| {r['target']} | {r['mode']} | {r['trainable']:,} | {share} | {r['ap']:.3f} | "
+                     f"{r['ap50']:.3f} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | "
+                     f"{r['load'][0]:.1f} -> {r['load'][1]:.1f} |")  # fmt: skip
     (args.out / "nano_transfer.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

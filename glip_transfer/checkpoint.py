@@ -69,7 +69,8 @@ def _torch_load(path: Path) -> dict:
                 "torch.save({'model': ckpt['model']}, 'clean.pth'), from a source you trust"
             ) from None
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({text[:160]}); the file may be truncated or corrupt — download it again"
+            f"{path}: not a readable PyTorch checkpoint ({text[:160]}); "
+            "the file may be truncated or corrupt — download it again"
         ) from None
 
 
@@ -127,7 +128,9 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
     Tensors are memory-mapped from the file."""
     path = resolve_weights(path, model_only=not use_ema)
     if not path.exists():
-        raise CheckpointError(f"{path}: file not found (pass --weights PATH to an official GLIP .pth or a .safetensors)")
+        raise CheckpointError(
+            f"{path}: file not found (pass --weights PATH to an official GLIP .pth or a .safetensors)"
+        )
     meta: dict = {}
     if path.suffix == ".safetensors":
         state, meta = read_safetensors(path)
@@ -148,9 +151,7 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     state = {
-        k: v
-        for k, v in state.items()
-        if not k.endswith(_IGNORED_SUFFIXES) and not any(p in k for p in _IGNORED_PARTS)
+        k: v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES) and not any(p in k for p in _IGNORED_PARTS)
     }
     if not state:
         raise CheckpointError(f"{path}: contains no weights")
@@ -161,7 +162,9 @@ def detect_variant(state: dict[str, torch.Tensor]) -> str:
     """Guess the variant from the keys and shapes of an official state dict."""
     embed = state.get("backbone.body.patch_embed.proj.weight")
     if embed is None:
-        raise CheckpointError("the weights have no Swin backbone (backbone.body.patch_embed.proj.weight): not a GLIP checkpoint")
+        raise CheckpointError(
+            "the weights have no Swin backbone (backbone.body.patch_embed.proj.weight): not a GLIP checkpoint"
+        )
     if embed.shape[0] == 192:
         return "glip-l"
     if embed.shape[0] == 96:
@@ -212,7 +215,9 @@ def compare_state(model: nn.Module, state: dict[str, torch.Tensor]) -> KeyReport
     return report
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights", assign: bool = False) -> KeyReport:
+def load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str = "weights", assign: bool = False
+) -> KeyReport:
     """Load ``state`` into ``model``; every key must match by name and shape, else a
     :class:`CheckpointError` with a compact report (and a hint when the file is another variant).
 
@@ -226,7 +231,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
             found = detect_variant(state)
             own = getattr(getattr(model, "cfg", None), "variant", None)
             if own and found not in (own, "unknown"):
-                hint = f" — the file looks like {found}, the model is {own}: pass --variant {found} or leave --variant out"
+                hint = (
+                    f" — the file looks like {found}, the model is {own}: pass --variant {found} or leave --variant out"
+                )
         except CheckpointError:
             pass
         raise CheckpointError(f"{source}: does not fit the model: {report.summary()}{hint}")
@@ -375,11 +382,17 @@ def convert_checkpoint(
         params = {k for k, _ in shape_model.named_parameters()}
         state = {k: v.half() if k in params and v.is_floating_point() else v for k, v in state.items()}
     exact = not (half or use_ema)
-    metadata = {"source": Path(src).name, "weights": "model_ema" if use_ema else "model", "dtype": "float16" if half else "float32"}
+    metadata = {
+        "source": Path(src).name,
+        "weights": "model_ema" if use_ema else "model",
+        "dtype": "float16" if half else "float32",
+    }
     if exact and base_sha256:
         metadata["base_sha256"] = base_sha256
     save_state(state, cfg, dst, metadata)
-    return Converted(Path(dst), cfg.variant, len(state), Path(dst).stat().st_size, metadata["dtype"], metadata.get("base_sha256"))
+    return Converted(
+        Path(dst), cfg.variant, len(state), Path(dst).stat().st_size, metadata["dtype"], metadata.get("base_sha256")
+    )
 
 
 @functools.lru_cache(maxsize=16)

@@ -196,8 +196,12 @@ def _glip_nano() -> GLIPConfig:
         variant="glip-nano",
         swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
         fpn=FPNConfig(out_channels=64),
-        language=LanguageConfig(tokenizer=minilm, pretrained=minilm, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
-        head=HeadConfig(channels=64, num_convs=2, fusion_embed_dim=256, fusion_num_heads=4, gn_groups=16, log_scale=-2.0),
+        language=LanguageConfig(
+            tokenizer=minilm, pretrained=minilm, hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536
+        ),
+        head=HeadConfig(
+            channels=64, num_convs=2, fusion_embed_dim=256, fusion_num_heads=4, gn_groups=16, log_scale=-2.0
+        ),
         input=InputConfig(min_size=160, max_size=160),
     )
 

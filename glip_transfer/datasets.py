@@ -145,11 +145,13 @@ def plan_downloads(target: str) -> list[DatasetPlan]:
         if name is None and recipe.synthetic is not None:
             raise RecipeError(
                 f"recipe {recipe.name}: its data is synthetic, rendered on first use (or: glip data synth "
-                f"--split {recipe.synthetic.split} --out DATA_ROOT/{recipe.synthetic.folder}); there is nothing to download"
+                f"--split {recipe.synthetic.split} --out DATA_ROOT/{recipe.synthetic.folder}); "
+                "there is nothing to download"
             )
         if name is None:
             raise RecipeError(
-                f"recipe {recipe.name}: its files ({recipe_files(recipe)[0]}, ...) are not an ODinW dataset of the hub; "
+                f"recipe {recipe.name}: its files ({recipe_files(recipe)[0]}, ...) "
+                "are not an ODinW dataset of the hub; "
                 "get them from the dataset's own site and pass --data-root"
             )
         plans.setdefault(name, DatasetPlan(name)).recipes.append(recipe)
@@ -251,7 +253,8 @@ def extract_dataset(zip_path: str | os.PathLike, parent: str | os.PathLike, name
             missing = [p for p in required if not (tmp / p).exists()]
             if missing:
                 raise DatasetError(
-                    f"{zip_path}: lacks {missing[0]}, which the recipe names ({len(missing)} missing): not the expected archive"
+                    f"{zip_path}: lacks {missing[0]}, which the recipe names ({len(missing)} missing): "
+                    "not the expected archive"
                 )
             if dest.exists():
                 os.rename(dest, tmp / ".replaced")

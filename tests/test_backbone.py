@@ -105,16 +105,28 @@ def test_matches_timm_swin_at_224():
     detection Swin equals timm's Swin with ``always_partition`` (which, like the reference, keeps
     shifting the 7x7 last stage). timm puts ``downsample`` at the start of the next stage."""
     timm_swin = pytest.importorskip("timm.models.swin_transformer")
-    cfg = SwinConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7,
-                     drop_path_rate=0.0, out_indices=(0, 1, 2, 3))
+    cfg = SwinConfig(
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        window_size=7,
+        drop_path_rate=0.0,
+        out_indices=(0, 1, 2, 3),
+    )
     torch.manual_seed(0)
     ours = build_swin(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so that a swapped tensor shows
         for t in ours.parameters():
             t.add_(torch.randn_like(t) * 0.05)
     ref = timm_swin.SwinTransformer(
-        img_size=224, patch_size=4, embed_dim=cfg.embed_dim, depths=cfg.depths, num_heads=cfg.num_heads,
-        window_size=cfg.window_size, always_partition=True, num_classes=0,
+        img_size=224,
+        patch_size=4,
+        embed_dim=cfg.embed_dim,
+        depths=cfg.depths,
+        num_heads=cfg.num_heads,
+        window_size=cfg.window_size,
+        always_partition=True,
+        num_classes=0,
     ).eval()
 
     remapped = {}

@@ -67,7 +67,9 @@ def test_demo_end_to_end_with_a_one_epoch_budget(tmp_path):
     for r in rows.values():
         assert set(r) == {"mode", "trainable", "ap", "ap50", "seconds"} and 0.0 <= r["ap"] <= r["ap50"] <= 1.0
     trainable = {m: r["trainable"] for m, r in rows.items()}
-    assert trainable["zeroshot"] == 0 < trainable["prompt"] < trainable["full"] and trainable["linear"] < trainable["full"]
+    assert (
+        trainable["zeroshot"] == 0 < trainable["prompt"] < trainable["full"] and trainable["linear"] < trainable["full"]
+    )
     for name in ("report.md", "ap_vs_trainable.png", "demo.json"):
         assert (out / name).is_file()
     assert len(list((out / "examples").glob("*.png"))) == 3

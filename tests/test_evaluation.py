@@ -170,9 +170,7 @@ def test_more_than_100_objects_per_image_add_ap_and_ar_at_n(tmp_path):
     anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b, "iscrowd": 0} for k, b in enumerate(boxes)]
     path = tmp_path / "crowd.json"
     path.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATEGORIES[:1]}))
-    results = [
-        {"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - k / 1000} for k, b in enumerate(boxes)
-    ]
+    results = [{"image_id": 1, "category_id": 1, "bbox": b, "score": 1.0 - k / 1000} for k, b in enumerate(boxes)]
     coco = coco_evaluate(path, results)
     assert coco["AR100"] == pytest.approx(100 / 150) and "AP@200" not in coco
     more = coco_evaluate(path, results, max_dets=200)

@@ -13,12 +13,25 @@ from glip_transfer.cli import app
 from glip_transfer.hub import PACKAGED_DIR
 
 pytestmark = pytest.mark.skipif(
-    not (PACKAGED_DIR / "glip-nano.safetensors").is_file(), reason="glip_transfer/weights/glip-nano.safetensors is not built yet"
+    not (PACKAGED_DIR / "glip-nano.safetensors").is_file(),
+    reason="glip_transfer/weights/glip-nano.safetensors is not built yet",
 )
 runner = CliRunner()
 NOVEL_AP50_FLOOR = 0.3  # measured: see benchmarks/results/nano_pretrain.md
-BUDGET = ["--epochs", "1", "--set", "train.max_steps=6", "--set", "train.amp=false", "--set", "train.workers=0",
-          "--set", "train.min_sizes=[160]", "--set", "train.max_size=160"]  # glip-nano's input size
+BUDGET = [
+    "--epochs",
+    "1",
+    "--set",
+    "train.max_steps=6",
+    "--set",
+    "train.amp=false",
+    "--set",
+    "train.workers=0",
+    "--set",
+    "train.min_sizes=[160]",
+    "--set",
+    "train.max_size=160",
+]  # glip-nano's input size
 
 
 def glip(*args):
@@ -84,7 +97,8 @@ def test_finetune_every_mode_on_glip_nano(data_root, tmp_path, tiny_weights, voc
         assert metrics["AP"] == pytest.approx(res["test"]["AP"], abs=1e-6)
         # a glip-nano adapter on other weights is refused, naming both variants
         refused = glip("zeroshot", "eval", "--recipe", "demo/shifted", "--adapter", out, "--weights", tiny_weights,
-                       "--tokenizer", vocab_dir, "--data-root", data_root, "--out", tmp_path / "eval2", "--device", "cpu")  # fmt: skip
+                       "--tokenizer", vocab_dir, "--data-root", data_root, "--out", tmp_path / "eval2",
+                       "--device", "cpu")  # fmt: skip
         assert refused.exit_code == 2 and "made for glip-nano, not test-tiny" in refused.output
 
 
@@ -93,8 +107,8 @@ def test_resume_continues_a_stopped_glip_nano_run(data_root, tmp_path):
 
     out = tmp_path / "run"
     sets = ["train.max_steps=4", "train.amp=false", "train.workers=0", "train.min_sizes=[160]", "train.max_size=160"]
-    spec = RunSpec(mode="prompt", recipe="demo/shifted", out=out, epochs=1, sets=sets, data_root=data_root, device="cpu",
-                   progress=False)  # fmt: skip
+    spec = RunSpec(mode="prompt", recipe="demo/shifted", out=out, epochs=1, sets=sets, data_root=data_root,
+                   device="cpu", progress=False)  # fmt: skip
     stopped = train_run(prepare(spec), stop_after_steps=2)
     assert stopped["status"] == "stopped" and not (out / "result.json").exists()
     args = ["finetune", "--recipe", "demo/shifted", "--mode", "prompt", "--data-root", data_root, "--out", out,

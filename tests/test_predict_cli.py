@@ -258,7 +258,9 @@ def test_existing_outputs_need_force(weights, images, vocab_dir, tmp_path, monke
         assert len(result.output.strip().splitlines()) == 1
     assert dets.read_text() == "mine" and (vis / "rgb.png").read_bytes() == b"mine"
     monkeypatch.undo()
-    result = predict(weights, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--json", dets, "--out", vis, "--force")
+    result = predict(
+        weights, vocab_dir, images / "rgb.jpg", "--classes", "cat", "--json", dets, "--out", vis, "--force"
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(dets.read_text())[0]["image"].endswith("rgb.jpg")
     assert (vis / "rgb.png").read_bytes()[:4] == b"\x89PNG"

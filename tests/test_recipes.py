@@ -409,10 +409,10 @@ def test_minimal_recipe_defaults(tmp_path, tokenizer):
             "tuning: batch_size: expected a whole number",
         ),
         (GOOD + "tuning: {}\n", "tuning: split 'test' is not in splits"),
-        (GOOD + 'synthetic: {split: nope, folder: a}\n', "synthetic.split 'nope'"),
-        (GOOD + 'synthetic: {split: novel, folder: elsewhere}\n', "is not under synthetic.folder 'elsewhere'"),
-        (GOOD + 'pretraining: {train: {lr: fast}}\n', "pretraining.train.lr: expected a number"),
-        (GOOD + 'pretraining: {train: {speed: 1}}\n', "unknown key 'speed'"),
+        (GOOD + "synthetic: {split: nope, folder: a}\n", "synthetic.split 'nope'"),
+        (GOOD + "synthetic: {split: novel, folder: elsewhere}\n", "is not under synthetic.folder 'elsewhere'"),
+        (GOOD + "pretraining: {train: {lr: fast}}\n", "pretraining.train.lr: expected a number"),
+        (GOOD + "pretraining: {train: {speed: 1}}\n", "unknown key 'speed'"),
         ("name: [unclosed\n", "not valid YAML"),
         ("- a list\n", "top level"),
     ],
@@ -522,7 +522,9 @@ def test_synthetic_recipe_renders_its_data_on_first_use(tmp_path, monkeypatch):
     from glip_transfer.recipes import split_paths
     from glip_transfer.synth import SPLITS
 
-    monkeypatch.setitem(SPLITS, "shifted", dataclasses.replace(SPLITS["shifted"], subsets={"train": 4, "val": 2, "test": 2}))
+    monkeypatch.setitem(
+        SPLITS, "shifted", dataclasses.replace(SPLITS["shifted"], subsets={"train": 4, "val": 2, "test": 2})
+    )
     recipe = load_recipe("demo/shifted")
     assert recipe.weights == "glip-nano" and recipe.synthetic.split == "shifted"
     said = []

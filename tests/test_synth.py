@@ -48,7 +48,16 @@ def test_grounding_file_spans_name_their_objects(tmp_path):
     generate(tmp_path, "pretrain", seed=0, subsets={"train": 40, "val": 2})
     coco = load_coco(tmp_path / "train.json")
     assert is_grounding_file(coco)
-    assert [c["name"] for c in coco.categories.values()] == ["circle", "square", "triangle", "star", "hexagon", "diamond", "cross", "ring"]
+    assert [c["name"] for c in coco.categories.values()] == [
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "hexagon",
+        "diamond",
+        "cross",
+        "ring",
+    ]
     for ann in coco.annotations:
         caption = coco.images[ann["image_id"]]["caption"]
         assert ann["tokens_positive"], "every annotated object is named"
@@ -92,7 +101,9 @@ def test_targets_have_their_categories_and_few_shot_files(tmp_path):
 def test_objects_stay_mostly_visible_and_boxes_are_exact():
     rng = np.random.default_rng(0)
     style = SceneStyle(width=96, height=96, extent=(0.3, 0.5), clutter=(0, 0), pixel_noise=0.0)
-    scene = render_scene(rng, style, [ObjectSpec("square", "red"), ObjectSpec("circle", "blue"), ObjectSpec("star", "white")])
+    scene = render_scene(
+        rng, style, [ObjectSpec("square", "red"), ObjectSpec("circle", "blue"), ObjectSpec("star", "white")]
+    )
     pixels = np.asarray(scene.image).astype(int)
     for obj in scene.objects:
         x, y, w, h = obj.box
@@ -105,10 +116,14 @@ def test_objects_stay_mostly_visible_and_boxes_are_exact():
 def test_captions_describe_and_list():
     rng = np.random.default_rng(1)
     style = SceneStyle(width=128, height=128, clutter=(0, 0))
-    scene = render_scene(rng, style, [ObjectSpec("circle", "red"), ObjectSpec("circle", "red"), ObjectSpec("star", "blue")])
+    scene = render_scene(
+        rng, style, [ObjectSpec("circle", "red"), ObjectSpec("circle", "red"), ObjectSpec("star", "blue")]
+    )
     cap = describe(rng, scene.objects, ["", "", "small"], scene.background)
     assert "red circles" in cap.text or "red circle" in cap.text
-    listed = category_list(np.random.default_rng(2), scene.objects, Vocabulary((("red", "circle"), ("blue", "star"), ("green", "cross"))))
+    listed = category_list(
+        np.random.default_rng(2), scene.objects, Vocabulary((("red", "circle"), ("blue", "star"), ("green", "cross")))
+    )
     for obj, spans in zip(scene.objects, listed.spans):
         assert all(listed.text[s:e] in (f"{obj.colour} {obj.shape}", obj.shape) for s, e in spans)
 
@@ -140,7 +155,9 @@ def test_ensure_generates_once_and_refuses_other_arguments(tmp_path, monkeypatch
 def test_cli_synth(tmp_path):
     runner = CliRunner()
     out = tmp_path / "corpus"
-    result = runner.invoke(app, ["data", "synth", "--out", str(out), "--split", "pretrain", "--images", "3", "--seed", "2"])
+    result = runner.invoke(
+        app, ["data", "synth", "--out", str(out), "--split", "pretrain", "--images", "3", "--seed", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert (out / "train.json").is_file() and len(list((out / "train").iterdir())) == 3
     again = runner.invoke(app, ["data", "synth", "--out", str(out), "--split", "pretrain", "--images", "3"])

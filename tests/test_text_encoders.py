@@ -37,7 +37,12 @@ def test_language_backbone_is_the_packaged_bert(nano):
         ours = nano.encode_text(enc["input_ids"], enc["attention_mask"]).hidden
         theirs = reference(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
     assert torch.equal(ours, theirs)
-    assert len(tok) == 30522 and tok.convert_ids_to_tokens(tok("red star")["input_ids"]) == ["[CLS]", "red", "star", "[SEP]"]
+    assert len(tok) == 30522 and tok.convert_ids_to_tokens(tok("red star")["input_ids"]) == [
+        "[CLS]",
+        "red",
+        "star",
+        "[SEP]",
+    ]
 
 
 def test_saved_file_leaves_the_language_out_and_loads_it_back(tmp_path, nano):

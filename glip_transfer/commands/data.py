@@ -52,7 +52,9 @@ def download_command(
 @handle_errors
 def list_command(
     data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA", help=DATA_ROOT_HELP),
-    as_json: bool = typer.Option(False, "--json", help='Print [{"recipe","dataset","present","missing","download","synthetic"}].'),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print [{"recipe","dataset","present","missing","download","synthetic"}].'
+    ),
 ):
     """Each recipe's dataset and whether its files are under --data-root (no network)."""
     from ..datasets import data_table
@@ -83,7 +85,9 @@ def list_command(
 def synth_command(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (refused when not empty, unless --force)."),
     split: str = typer.Option("pretrain", "--split", help="pretrain | novel | shifted (the demo targets)."),
-    images: int = typer.Option(None, "--images", "-n", min=1, help="Training images (default: pretrain 12000, novel / shifted 200)."),
+    images: int = typer.Option(
+        None, "--images", "-n", min=1, help="Training images (default: pretrain 12000, novel / shifted 200)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same arguments give the same files, byte for byte."),
     force: bool = typer.Option(False, "--force", help="Replace the synthetic data in a non-empty --out."),
 ):
@@ -98,5 +102,8 @@ def synth_command(
         manifest = generate(out, split, images=images, seed=seed, force=force,
                             progress=lambda done, total: bar.update(task, completed=done))  # fmt: skip
     parts = ", ".join(f"{n} {name}" for name, n in manifest["subsets"].items())
-    console.print(f"[bold]{split}[/] ({spec.summary}): {parts} images, {len(manifest['categories'])} categories -> {out}",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(
+        f"[bold]{split}[/] ({spec.summary}): {parts} images, {len(manifest['categories'])} categories -> {out}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -15,16 +15,31 @@ from .common import console, err_console, fail, handle_errors
 
 @handle_errors
 def demo_command(
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Report folder (refused when not empty, unless --resume or --force)."),
-    data_root: Path = typer.Option(Path("DATASET"), "--data-root", "-d", envvar="GLIP_DATA",
-                                   help="Where the demo targets' data are rendered on first use (under synth/)."),
+    out: Path = typer.Option(
+        Path("runs/demo"), "--out", "-o", help="Report folder (refused when not empty, unless --resume or --force)."
+    ),
+    data_root: Path = typer.Option(
+        Path("DATASET"),
+        "--data-root",
+        "-d",
+        envvar="GLIP_DATA",
+        help="Where the demo targets' data are rendered on first use (under synth/).",
+    ),
     weights: str = typer.Option("glip-nano", "--weights", "-w", help="The base model (a glip-nano file or name)."),
-    few_shot: bool = typer.Option(False, "--few-shot", help="The 1/3/5/10-shot x 3-draw table (mean ± std) instead: longer."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted demo in --out (finished steps are reused)."),
+    few_shot: bool = typer.Option(
+        False, "--few-shot", help="The 1/3/5/10-shot x 3-draw table (mean ± std) instead: longer."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted demo in --out (finished steps are reused)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace the demo in --out."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Fine-tuning epochs of every mode [linear 3, prompt 3, lora 3, full 3]."),
+    epochs: int = typer.Option(
+        None, "--epochs", min=1, help="Fine-tuning epochs of every mode [linear 3, prompt 3, lora 3, full 3]."
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"targets", "results"} as the last line (the shifted target\'s table).'),
+    as_json: bool = typer.Option(
+        False, "--json", help='Print {"targets", "results"} as the last line (the shifted target\'s table).'
+    ),
 ):
     """Zero-shot on both demo targets, then linear probing, prompt tuning, LoRA and full fine-tuning
     on the shifted one: a table, and a report folder (Markdown, a plot, before/after images)."""
@@ -60,7 +75,9 @@ def results_table(summary: dict) -> Table:
     rows = [(t, r) for t, r in summary["targets"].items() if t != "demo/shifted"]
     rows += [("demo/shifted", r) for r in summary["results"]]
     for target, r in rows:
-        table.add_row(target, r["mode"], f"{r['trainable']:,}", f"{r['ap']:.3f}", f"{r['ap50']:.3f}", f"{r['seconds']:.0f}")
+        table.add_row(
+            target, r["mode"], f"{r['trainable']:,}", f"{r['ap']:.3f}", f"{r['ap50']:.3f}", f"{r['seconds']:.0f}"
+        )
     return table
 
 

@@ -243,8 +243,13 @@ def _seed_summary(summaries, folder: Path) -> None:
 @handle_errors
 def finetune_command(
     recipe: str = typer.Option(None, "--recipe", "-r", help="Recipe name (glip recipes list) or YAML path."),
-    weights: str = typer.Option(None, "--weights", "-w", help="Base model: a name (glip weights list) or an official .pth / .safetensors "
-                                "[default: the recipe's weights, else glip-t; with --variant and no --weights: random initial weights]."),
+    weights: str = typer.Option(
+        None,
+        "--weights",
+        "-w",
+        help="Base model: a name (glip weights list) or an official .pth / .safetensors "
+        "[default: the recipe's weights, else glip-t; with --variant and no --weights: random initial weights].",
+    ),
     mode: str = typer.Option("full", "--mode", "-m", help=MODE_HELP),
     shots: int = typer.Option(0, "--shots", min=0, help="K-shot training subset (1, 3, 5, 10; 0 = all data)."),
     seeds: str = typer.Option(None, "--seeds", help="Few-shot draws to run, e.g. 3,30,300 (mean ± std reported)."),

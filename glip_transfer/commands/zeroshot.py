@@ -44,6 +44,7 @@ app = typer.Typer(
     help="Zero-shot transfer: evaluate a pretrained model on a dataset's category names.", no_args_is_help=True
 )
 
+
 @app.command("eval")
 @handle_errors
 def eval_command(

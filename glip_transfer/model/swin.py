@@ -182,8 +182,15 @@ class BasicLayer(nn.Module):
     """
 
     def __init__(
-        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-        drop_paths: list[float], downsample: bool, use_checkpoint: bool = False,
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        drop_paths: list[float],
+        downsample: bool,
+        use_checkpoint: bool = False,
     ):
         super().__init__()
         self.window_size = window_size
@@ -254,8 +261,14 @@ class SwinTransformer(nn.Module):
             start = sum(cfg.depths[:i])
             self.layers.append(
                 BasicLayer(
-                    self.num_features[i], cfg.depths[i], cfg.num_heads[i], cfg.window_size, cfg.mlp_ratio,
-                    dpr[start : start + cfg.depths[i]], downsample=i < n - 1, use_checkpoint=use_checkpoint,
+                    self.num_features[i],
+                    cfg.depths[i],
+                    cfg.num_heads[i],
+                    cfg.window_size,
+                    cfg.mlp_ratio,
+                    dpr[start : start + cfg.depths[i]],
+                    downsample=i < n - 1,
+                    use_checkpoint=use_checkpoint,
                 )
             )
         # output norms named after their stage; stage 0 would get none (Identity in the reference)

@@ -33,8 +33,18 @@ from .scene import ObjectSpec, render_scene
 from .shapes import size_word
 from .splits import HELD_OUT_PAIRS, HELD_OUT_SHAPES, SPLITS, SplitSpec
 
-__all__ = ["SPLITS", "SynthError", "check_out", "ensure", "generate", "read_manifest", "split_spec", "subset_sizes",
-           "HELD_OUT_PAIRS", "HELD_OUT_SHAPES"]
+__all__ = [
+    "SPLITS",
+    "SynthError",
+    "check_out",
+    "ensure",
+    "generate",
+    "read_manifest",
+    "split_spec",
+    "subset_sizes",
+    "HELD_OUT_PAIRS",
+    "HELD_OUT_SHAPES",
+]
 
 GENERATOR_VERSION = 1
 MANIFEST = "synth.json"
@@ -100,8 +110,9 @@ def render_image(spec: SplitSpec, seed: int, subset: str, index: int):
         caption = category_list(rng, targets, spec.vocabulary)
     anns = []
     for obj, size, spans in zip(targets, sizes, caption.spans):
-        anns.append({"bbox": list(obj.box), "area": obj.area, "iscrowd": 0, "category": spec.category_of(obj.colour, obj.shape),
-                     "tokens_positive": spans, "shape": obj.shape, "colour": obj.colour, "size": size or "medium"})  # fmt: skip
+        anns.append({"bbox": list(obj.box), "area": obj.area, "iscrowd": 0,
+                     "category": spec.category_of(obj.colour, obj.shape), "tokens_positive": spans,
+                     "shape": obj.shape, "colour": obj.colour, "size": size or "medium"})  # fmt: skip
     return scene.image, caption.text, scene.background, anns
 
 
@@ -133,7 +144,9 @@ def check_out(out: str | Path, force: bool) -> bool:
         raise SynthError(f"{out}: is a file; --out needs a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise SynthError(f"{out} is not empty: pass --force to replace the synthetic data in it, or choose another --out")
+            raise SynthError(
+                f"{out} is not empty: pass --force to replace the synthetic data in it, or choose another --out"
+            )
         return True
     return False
 
@@ -150,7 +163,8 @@ def read_manifest(folder: str | Path) -> dict | None:
 
 
 def generate(out: str | Path, split: str = "pretrain", *, images: int | None = None, seed: int = 0, force: bool = False,
-             progress: Callable[[int, int], None] | None = None, subsets: dict[str, int] | None = None) -> dict:  # fmt: skip
+             progress: Callable[[int, int], None] | None = None,
+             subsets: dict[str, int] | None = None) -> dict:  # fmt: skip
     """Render split ``split`` into the folder ``out`` and return its manifest. A folder with
     anything in it is refused unless ``force`` (then only what this function writes is
     replaced). ``progress(done, total)`` is called after every image. ``subsets`` replaces the
@@ -167,8 +181,8 @@ def generate(out: str | Path, split: str = "pretrain", *, images: int | None = N
     for subset, count in sizes.items():
         folder = out / subset
         folder.mkdir(exist_ok=True)
-        coco = {"info": {"description": f"glip-transfer synthetic split {split!r}, {subset}", "seed": seed}, "images": [],
-                "annotations": [], "categories": categories}  # fmt: skip
+        coco = {"info": {"description": f"glip-transfer synthetic split {split!r}, {subset}", "seed": seed},
+                "images": [], "annotations": [], "categories": categories}  # fmt: skip
         for index in range(count):
             image, caption, background, anns = render_image(spec, seed, subset, index)
             image_id = index + 1
@@ -177,7 +191,12 @@ def generate(out: str | Path, split: str = "pretrain", *, images: int | None = N
             coco["images"].append({"id": image_id, "file_name": name, "width": image.width, "height": image.height,
                                    "caption": caption, "background": background})  # fmt: skip
             for ann in anns:
-                ann = {"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": category_id[ann.pop("category")], **ann}
+                ann = {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id[ann.pop("category")],
+                    **ann,
+                }
                 coco["annotations"].append(ann)
             done += 1
             if progress is not None:
@@ -207,24 +226,34 @@ def _write_few_shot(out: Path, coco: dict) -> None:
 
 
 def ensure(out: str | Path, split: str, *, images: int | None = None, seed: int = 0,
-           notify: Callable[[str], None] | None = None, progress: Callable[[int, int], None] | None = None) -> bool:  # fmt: skip
+           notify: Callable[[str], None] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> bool:  # fmt: skip
     """Make sure ``out`` holds split ``split`` generated with these arguments: generate it when
     the folder is missing or holds only an unfinished generation (True), accept a matching one
     (False), refuse anything else with a one-line :class:`SynthError`."""
     out = Path(out)
     manifest = read_manifest(out)
-    wanted = {"version": GENERATOR_VERSION, "split": split, "seed": seed, "subsets": subset_sizes(split_spec(split), images)}
+    wanted = {
+        "version": GENERATOR_VERSION,
+        "split": split,
+        "seed": seed,
+        "subsets": subset_sizes(split_spec(split), images),
+    }
     if manifest is not None:
         differs = [k for k, v in wanted.items() if manifest.get(k) != v]
         if not differs:
             return False
         k = differs[0]
         raise SynthError(f"{out} holds synthetic data made with {k}={manifest.get(k)!r}, not {wanted[k]!r}: "
-                         f"regenerate it with glip data synth --out {out} --split {split} --seed {seed} --force")  # fmt: skip
+                         f"regenerate it with glip data synth --out {out} --split {split} --seed {seed} "
+                         "--force")  # fmt: skip
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if p not in _owned(out))
         if foreign:
-            raise SynthError(f"{out} holds other files ({foreign[0]}, ...) and no synthetic data: move them or choose another --data-root")
+            raise SynthError(
+                f"{out} holds other files ({foreign[0]}, ...) and no synthetic data: "
+                "move them or choose another --data-root"
+            )
     if notify is not None:
         notify(f"generating the synthetic {split!r} data into {out} (first use)")
     generate(out, split, images=images, seed=seed, force=True, progress=progress)

@@ -124,7 +124,9 @@ def _relation(objects: list[PlacedObject], first: list[int], second: list[int]) 
     return None
 
 
-def category_list(rng: np.random.Generator, objects: list[PlacedObject], vocabulary: Vocabulary, max_negatives: int = 8) -> Caption:
+def category_list(
+    rng: np.random.Generator, objects: list[PlacedObject], vocabulary: Vocabulary, max_negatives: int = 8
+) -> Caption:
     """A detection-prompt caption: the objects' descriptions and absent ones, shuffled."""
     present_pairs = {(o.colour, o.shape) for o in objects}
     present_shapes = {o.shape for o in objects}

@@ -74,7 +74,11 @@ def _clutter(rng: np.random.Generator, image: Image.Image, count: int) -> None:
         if kind == 0:  # a straight stroke
             x0, y0 = rng.uniform(0, w), rng.uniform(0, h)
             length, theta = rng.uniform(10, 60), rng.uniform(0, 2 * math.pi)
-            draw.line([(x0, y0), (x0 + length * math.cos(theta), y0 + length * math.sin(theta))], fill=colour, width=int(rng.integers(1, 3)))
+            draw.line(
+                [(x0, y0), (x0 + length * math.cos(theta), y0 + length * math.sin(theta))],
+                fill=colour,
+                width=int(rng.integers(1, 3)),
+            )
         elif kind == 1:  # a small dot
             x0, y0, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(1, 3.5)
             draw.ellipse([x0 - r, y0 - r, x0 + r, y0 + r], fill=colour)

@@ -32,7 +32,8 @@ class Shape:
 
 
 def _regular(n: int, radius: float, c: float, start: float = -90.0) -> list[Point]:
-    return [(c + radius * math.cos(math.radians(start + 360.0 * i / n)), c + radius * math.sin(math.radians(start + 360.0 * i / n)))
+    return [(c + radius * math.cos(math.radians(start + 360.0 * i / n)),
+             c + radius * math.sin(math.radians(start + 360.0 * i / n)))
             for i in range(n)]  # fmt: skip
 
 

@@ -176,9 +176,7 @@ refused. The run length is refused too under a multi-step schedule whose milesto
 of it."""
 
 
-def resume_decision(
-    diff: dict[str, tuple], cfg: TrainConfig
-) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def resume_decision(diff: dict[str, tuple], cfg: TrainConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """``(applied, refused)``: the changes ``{key: (saved, now)}`` of a resumed run's identity
     split by :data:`APPLIED_ON_RESUME`."""
     length_sets_milestones = cfg.schedule == "multistep" and any(m < 1 for m in cfg.milestones)

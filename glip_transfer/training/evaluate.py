@@ -36,7 +36,5 @@ def evaluate(
         results = evaluate_dataset(model, loader, prompt, device=device, amp=amp, progress=progress)
     model.train(was_training)
     prompt.clear_cache()
-    metrics = evaluate_detections(
-        dataset, results, metric=metric, max_dets=model.cfg.postprocess.detections_per_img
-    )
+    metrics = evaluate_detections(dataset, results, metric=metric, max_dets=model.cfg.postprocess.detections_per_img)
     return results, metrics

@@ -62,7 +62,8 @@ def _named_frozen(model: GLIP, names: Iterable[str]) -> list[nn.Parameter]:
         matched = [p for n, p in params.items() if n == given or n.startswith(prefix)]
         if not matched:
             raise ConfigError(
-                f"train.frozen: {given!r} names no parameter or module of the model (e.g. language_backbone, backbone.body)"
+                f"train.frozen: {given!r} names no parameter or module of the model "
+                "(e.g. language_backbone, backbone.body)"
             )
         found += matched
     return found

@@ -206,7 +206,8 @@ def build_model(spec: RunSpec, recipe: Recipe, model_sets: list[str], seed: int)
 
     model.load_state_dict({**model.state_dict(), **packaged_language_state(cfg.language.pretrained)})
     return model, [
-        f"no --weights: {spec.variant} with random initial vision weights (seed {seed}), language from {cfg.language.pretrained}"
+        f"no --weights: {spec.variant} with random initial vision weights (seed {seed}), "
+        f"language from {cfg.language.pretrained}"
     ]
 
 
@@ -669,8 +670,15 @@ def _train_locked(prep: Prepared, console: Console | None, stop_after_steps: int
                 )
         summary["artifact"] = str(write_artifact(prep, trainer))
         if spec.pretrain:  # the pretrained model itself, for --weights (a packaged language encoder left out)
-            save_model(prep.model, out / MODEL_FILE, metadata={"recipe": prep.recipe.name, "steps": state.step,
-                                                               "train_config": json.dumps(to_dict(prep.cfg))})  # fmt: skip
+            save_model(
+                prep.model,
+                out / MODEL_FILE,
+                metadata={
+                    "recipe": prep.recipe.name,
+                    "steps": state.step,
+                    "train_config": json.dumps(to_dict(prep.cfg)),
+                },
+            )
             summary["model"] = str(out / MODEL_FILE)
         try:
             plot_curves(read_log(out / "log.jsonl"), out / "curves.png", title=f"{prep.recipe.name} — {prep.plan.mode}")

@@ -75,10 +75,12 @@ def test_bracketed_defaults_survive_in_the_help():
     assert 'Also write {"<dataset>": [results]} to this file.' in zeroshot
 
 
-def test_flags_take_no_value_in_the_help():
-    shown = invoke("finetune", "--help", env=WIDE).output
+@pytest.mark.parametrize("command", [["finetune"], ["zeroshot", "eval"], ["zeroshot"], ["predict"], []])
+def test_flags_take_no_value_in_the_help(command):
+    shown = invoke(*command, "--help", env=WIDE).output
+    assert "--help" in shown
     for line in shown.splitlines():
-        if "--resume" in line or "--dry-run" in line or "--force" in line:
+        if any(flag in line for flag in ("--resume", "--dry-run", "--force", "--help", "--version")):
             assert "<bool>" not in line and "BOOLEAN" not in line, line
 
 

@@ -11,7 +11,8 @@ import warnings
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer.models import ArgumentInfo, OptionInfo
+from typer.core import TyperCommand, TyperGroup
+from typer.models import ArgumentInfo, DefaultPlaceholder, OptionInfo
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
@@ -94,17 +95,39 @@ SIZE_HELP = (
 )
 
 
+class _HelpFlag:
+    """Typer shows the built-in ``--help`` as ``--help <bool>``; it is a flag: show no value."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class FlagHelpCommand(_HelpFlag, TyperCommand):
+    pass
+
+
+class FlagHelpGroup(_HelpFlag, TyperGroup):
+    pass
+
+
 def polish_help(app: typer.Typer) -> typer.Typer:
     """Make every command's help (sub-groups included) print as written: Rich markup in option,
     argument and command help is escaped (bracketed defaults such as ``[recipe: 200]`` and JSON
     examples would otherwise vanish), and flags show no ``<bool>`` value. Idempotent; returns
     ``app``."""
+    if app.info.cls is None or isinstance(app.info.cls, DefaultPlaceholder) or app.info.cls is TyperGroup:
+        app.info.cls = FlagHelpGroup
     commands = list(app.registered_commands)
     if app.registered_callback is not None:
         commands.append(app.registered_callback)
     for command in commands:
         if command.callback is None or getattr(command, "_polished", False):
             continue
+        if command in app.registered_commands and command.cls in (None, TyperCommand):
+            command.cls = FlagHelpCommand
         text = command.help if isinstance(command.help, str) else inspect.getdoc(command.callback)
         if text:  # Rich keeps single line breaks: a paragraph of the docstring becomes one line
             paragraphs = [" ".join(p.split()) for p in text.split("\n\n")]

@@ -123,6 +123,14 @@ class PostprocessConfig:
             raise ConfigError(f"postprocess.score_agg must be MEAN or MAX, got {self.score_agg!r}")
 
 
+def size_problem(min_size: int, max_size: int) -> str | None:
+    """What is wrong with a test resize's ``min_size`` / ``max_size`` pair (model input, a recipe's
+    evaluation), or None."""
+    if min_size < 1 or max_size < min_size:
+        return f"min_size {min_size} / max_size {max_size}: need 1 <= min_size <= max_size"
+    return None
+
+
 @dataclass
 class InputConfig:
     """The reference test transform."""
@@ -134,10 +142,9 @@ class InputConfig:
     size_divisibility: int = 32
 
     def __post_init__(self) -> None:
-        if self.min_size < 1 or self.max_size < self.min_size:
-            raise ConfigError(
-                f"input: min_size {self.min_size} / max_size {self.max_size}: need 1 <= min_size <= max_size"
-            )
+        problem = size_problem(self.min_size, self.max_size)
+        if problem:
+            raise ConfigError(f"input: {problem}")
         if self.size_divisibility < 0:
             raise ConfigError(f"input.size_divisibility must be >= 0, got {self.size_divisibility}")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, apply_overrides, explain_override, from_dict, load_yaml, to_dict
+from .config import ConfigError, apply_overrides, explain_override, from_dict, load_yaml, size_problem, to_dict
 from .prompts import (
     DetectionPrompt,
     PromptError,
@@ -425,10 +425,9 @@ def _validate(recipe: Recipe, where: str) -> None:
             f"{where}: evaluation.split {ev.split!r} is not in splits ({', '.join(recipe.splits)}); add it or pick "
             "one of them"
         )
-    if ev.min_size < 1 or ev.max_size < ev.min_size:
-        raise RecipeError(
-            f"{where}: evaluation: min_size {ev.min_size} / max_size {ev.max_size}: need 1 <= min_size <= max_size"
-        )
+    problem = size_problem(ev.min_size, ev.max_size)
+    if problem:
+        raise RecipeError(f"{where}: evaluation: {problem}")
     if ev.detections_per_img < 1:
         raise RecipeError(f"{where}: evaluation.detections_per_img must be >= 1, got {ev.detections_per_img}")
     if ev.batch_size is not None and ev.batch_size < 1:
